@@ -1,0 +1,187 @@
+"""Pieces every emulator shares: fault injection, call counting, a control API, a runner.
+
+Each emulator is an aiohttp application that behaves like the vendor's API on the wire. Tests,
+benchmarks and the demo steer it through a control API under ``/_control``:
+
+- ``GET  /_control/stats``   calls by route and status, plus emulator-specific counters
+- ``POST /_control/faults``  ``{"latency_ms": 0, "error_rate": 0.0, "throttle_rate": 0.0,
+  "fail_next": 0, "throttle_next": 0, "max_concurrency": null}``
+- ``POST /_control/reset``   forget all data, counters and faults
+
+The control routes are never faulted, counted or delayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+CONTROL_PREFIX = "/_control"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Faults:
+    """What the emulator does wrong on purpose. Rates are probabilities per API call."""
+
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    throttle_rate: float = 0.0
+    fail_next: int = 0
+    throttle_next: int = 0
+    max_concurrency: int | None = None
+
+    def update(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            if not hasattr(self, name):
+                raise web.HTTPBadRequest(text=f"unknown fault setting {name!r}")
+            setattr(self, name, value)
+
+
+@dataclass
+class CallStats:
+    calls: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.calls),
+            "statuses": {str(k): v for k, v in self.statuses.items()},
+            "total_calls": sum(self.calls.values()),
+            "peak_in_flight": self.peak_in_flight,
+        }
+
+
+FaultResponder = Callable[[web.Request, str], web.StreamResponse]
+"""Builds the vendor-shaped response for an injected fault; kind is 'error' or 'throttle'."""
+
+
+def fault_middleware(
+    faults: Faults,
+    stats: CallStats,
+    responder: FaultResponder,
+    route_name: Callable[[web.Request], str] | None = None,
+) -> Any:
+    """Counts every API call and applies the injected faults before the real handler runs."""
+
+    rng = random.Random()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(CONTROL_PREFIX):
+            return await handler(request)
+        name = route_name(request) if route_name else f"{request.method} {request.path}"
+        stats.calls[name] += 1
+        if faults.max_concurrency is not None and stats.in_flight >= faults.max_concurrency:
+            response = responder(request, "throttle")
+            stats.statuses[response.status] += 1
+            return response
+        stats.in_flight += 1
+        stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        try:
+            if faults.latency_ms:
+                await asyncio.sleep(faults.latency_ms / 1000)
+            kind = None
+            if faults.throttle_next > 0:
+                faults.throttle_next -= 1
+                kind = "throttle"
+            elif faults.fail_next > 0:
+                faults.fail_next -= 1
+                kind = "error"
+            elif faults.throttle_rate and rng.random() < faults.throttle_rate:
+                kind = "throttle"
+            elif faults.error_rate and rng.random() < faults.error_rate:
+                kind = "error"
+            if kind is not None:
+                response = responder(request, kind)
+            else:
+                try:
+                    response = await handler(request)
+                except web.HTTPException as exc:
+                    stats.statuses[exc.status] += 1
+                    raise
+            stats.statuses[response.status] += 1
+            return response
+        finally:
+            stats.in_flight -= 1
+
+    return middleware
+
+
+def add_common_control_routes(
+    app: web.Application,
+    faults: Faults,
+    stats: CallStats,
+    extra_stats: Callable[[], dict[str, Any]],
+    reset: Callable[[], None],
+) -> None:
+    async def get_stats(_: web.Request) -> web.Response:
+        return web.json_response({**stats.as_dict(), **extra_stats()})
+
+    async def set_faults(request: web.Request) -> web.Response:
+        faults.update(await request.json())
+        return web.json_response(faults.__dict__)
+
+    async def do_reset(_: web.Request) -> web.Response:
+        reset()
+        stats.calls.clear()
+        stats.statuses.clear()
+        stats.peak_in_flight = 0
+        faults.__init__()  # type: ignore[misc]
+        return web.json_response({"reset": True})
+
+    app.router.add_get(f"{CONTROL_PREFIX}/stats", get_stats)
+    app.router.add_post(f"{CONTROL_PREFIX}/faults", set_faults)
+    app.router.add_post(f"{CONTROL_PREFIX}/reset", do_reset)
+
+
+class RunningEmulator:
+    """An emulator app served on 127.0.0.1 inside the current event loop (tests, demo, bench)."""
+
+    def __init__(self, app: web.Application, port: int = 0) -> None:
+        self.app = app
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> RunningEmulator:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[union-attr]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> RunningEmulator:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def serve_main(make_app: Callable[[], web.Application], default_port: int) -> None:
+    """`python -m emulators.<system> --port N`: serve one emulator on 127.0.0.1 until killed."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=default_port)
+    args = parser.parse_args()
+    web.run_app(make_app(), host="127.0.0.1", port=args.port, access_log=None)

@@ -1,0 +1,104 @@
+"""PostgreSQL: the pool and the numbered migrations (``ml-connector db migrate``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+MIGRATION_LOCK_ID = 0x6D6C635F6D6967  # "mlc_mig": one migrator at a time, across replicas
+_MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Binary jsonb (a version byte, then the text) so that COPY can carry jsonb columns too.
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda value: b"\x01" + _json_dumps(value).encode(),
+        decoder=lambda data: _json_loads(data[1:].decode()),
+        schema="pg_catalog",
+        format="binary",
+    )
+    await conn.set_type_codec("json", encoder=_json_dumps, decoder=_json_loads, schema="pg_catalog")
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def _json_loads(value: str) -> Any:
+    return json.loads(value)
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 5) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60
+    )
+    assert pool is not None
+    return pool
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(number, name, sql) of every migration shipped with the package, in order."""
+    found = []
+    for entry in resources.files("shared.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Apply the migrations not applied yet, under an advisory lock. Returns what it applied."""
+    conn = await asyncpg.connect(dsn)
+    applied_now: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for number, name, sql in migrations():
+                if number in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        number,
+                        name,
+                    )
+                applied_now.append(f"{number:03d}_{name}")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await conn.close()
+    return applied_now
+
+
+async def ensure_database(dsn: str) -> bool:
+    """Create the database named in ``dsn`` if it does not exist (development convenience)."""
+    try:
+        conn = await asyncpg.connect(dsn)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    base, _, name = dsn.rpartition("/")
+    name = name.split("?")[0]
+    admin = await asyncpg.connect(f"{base}/postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    except asyncpg.DuplicateDatabaseError:
+        return False
+    finally:
+        await admin.close()
+    return True

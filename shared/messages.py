@@ -1,0 +1,167 @@
+"""Messages on the bus: pydantic models with a schema_version, serialized as JSON.
+
+One bus message carries a batch: a page of ``ChangeEvent`` of one flow and entity
+(``ChangeBatch``), or the ``UpsertCommand`` of one target entity (``CommandBatch``). A record that
+fails is split out of its batch and travels alone (a batch of one) to retry or dead-letter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def content_hash(value: Any) -> str:
+    """Stable hash of a JSON-like value: the version of records that have no change timestamp."""
+    return hashlib.sha256(canonical_json(value)).hexdigest()[:32]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+    kind: ClassVar[str] = "message"
+    schema_version: int = SCHEMA_VERSION
+
+
+class ChangeEvent(Message):
+    """A source record as the poller saw it."""
+
+    event_id: str = Field(default_factory=new_id)
+    flow: str
+    flow_version: int
+    source_connection: str
+    source_system: str
+    entity: str
+    key: str
+    version: str = Field(description="source change marker: a timestamp, or a content hash")
+    observed_at: datetime = Field(default_factory=utcnow, description="orders versions of a key")
+    operation: Literal["upsert", "delete"] = "upsert"
+    record: dict[str, Any]
+
+
+class ChangeNotice(Message):
+    """A webhook said these records changed; carries ids only."""
+
+    notice_id: str = Field(default_factory=new_id)
+    connection: str
+    system: str
+    entity: str
+    ids: list[str]
+    operation: str = "edit"
+    received_at: datetime = Field(default_factory=utcnow)
+
+
+class ParentRef(BaseModel):
+    """A lookup the writer fills in: the target id of a parent record written by a flow."""
+
+    model_config = ConfigDict(extra="forbid")
+    field: str
+    flow: str
+    source_entity: str
+    source_key: str
+    target_entity: str
+    shape: Literal["id_object", "id"] = "id_object"
+
+
+class UpsertCommand(Message):
+    """A target-shaped record to upsert, with its lineage."""
+
+    command_id: str = Field(default_factory=new_id)
+    event_id: str
+    flow: str
+    flow_version: int
+    transformation: str
+    source_system: str
+    source_entity: str
+    source_key: str
+    source_version: str
+    observed_at: datetime
+    target_connection: str
+    target_system: str
+    target_entity: str
+    match_on: list[str]
+    payload: dict[str, Any]
+    parents: list[ParentRef] = Field(default_factory=list)
+    payload_hash: str = ""
+
+    def model_post_init(self, _: Any) -> None:
+        if not self.payload_hash:
+            parents = [p.model_dump() for p in self.parents]
+            self.payload_hash = content_hash({"payload": self.payload, "parents": parents})
+
+    @property
+    def source_ref(self) -> str:
+        return f"{self.source_system}:{self.source_entity}:{self.source_key}"
+
+
+class ChangeBatch(Message):
+    kind: ClassVar[str] = "change_batch"
+    batch_id: str = Field(default_factory=new_id)
+    flow: str
+    entity: str
+    events: list[ChangeEvent]
+
+    def split(self, event: ChangeEvent) -> ChangeBatch:
+        return ChangeBatch(flow=self.flow, entity=self.entity, events=[event])
+
+
+class NoticeBatch(Message):
+    kind: ClassVar[str] = "notice_batch"
+    batch_id: str = Field(default_factory=new_id)
+    notices: list[ChangeNotice]
+
+
+class CommandBatch(Message):
+    kind: ClassVar[str] = "command_batch"
+    batch_id: str = Field(default_factory=new_id)
+    target_connection: str
+    target_entity: str
+    commands: list[UpsertCommand]
+
+    def split(self, command: UpsertCommand) -> CommandBatch:
+        return CommandBatch(
+            target_connection=self.target_connection,
+            target_entity=self.target_entity,
+            commands=[command],
+        )
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.kind: cls for cls in (ChangeBatch, NoticeBatch, CommandBatch)
+}
+
+
+class MessageFormatError(ValueError):
+    """A bus message body that is not a valid message of its declared type."""
+
+
+def decode(kind: str | None, body: bytes) -> Message:
+    cls = MESSAGE_TYPES.get(kind or "")
+    if cls is None:
+        raise MessageFormatError(f"unknown message type {kind!r}")
+    try:
+        return cls.model_validate_json(body)
+    except ValueError as exc:
+        raise MessageFormatError(f"invalid {kind} message: {exc}") from None
+
+
+def encode(message: Message) -> bytes:
+    return message.model_dump_json().encode()

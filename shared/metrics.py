@@ -1,0 +1,27 @@
+"""Prometheus metrics, one registry per process, served on /metrics by every service."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECORDS = Counter(
+    "mlc_records_total",
+    "Records by flow, stage (polled, mapped, written, skipped, failed) and outcome",
+    ["flow", "stage"],
+)
+API_CALLS = Counter(
+    "mlc_api_calls_total", "External API calls", ["connection", "operation", "status"]
+)
+API_LATENCY = Histogram(
+    "mlc_api_call_seconds",
+    "External API call latency",
+    ["connection", "operation"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TOKEN_REFRESHES = Counter("mlc_token_refreshes_total", "Token refreshes", ["connection"])
+THROTTLE_WAITS = Counter(
+    "mlc_throttle_wait_seconds_total", "Seconds spent waiting after throttling", ["connection"]
+)
+QUEUE_READY = Gauge("mlc_queue_ready", "Messages ready in a queue", ["queue"])
+QUEUE_UNACKED = Gauge("mlc_queue_unacked", "Messages delivered and not yet acked", ["queue"])
+MESSAGES = Counter("mlc_messages_total", "Bus messages handled by outcome", ["queue", "outcome"])

@@ -1,0 +1,86 @@
+"""Process settings, read once from the environment (``MLC_*``).
+
+Defaults work on a developer machine with RabbitMQ and PostgreSQL running locally. A missing or
+malformed value stops the program with one line naming the variable (see ``load_settings``).
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A fixed development key: fine for the demo and tests, refused when MLC_ENV=production.
+DEV_MASTER_KEY = "ZGV2LW9ubHktbWFzdGVyLWtleS1ub3QtZm9yLXByb2Q="
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLC_", extra="ignore")
+
+    env: str = Field("development", description="development | production")
+    amqp_url: SecretStr = Field(SecretStr("amqp://guest:guest@127.0.0.1:5672/"))
+    database_url: SecretStr = Field(SecretStr("postgresql://postgres@127.0.0.1:5432/mlc"))
+    bus_prefix: str = Field("mlc", description="prefix of every exchange and queue name")
+    rabbitmq_api_url: str = Field(
+        "http://127.0.0.1:15672", description="management API, for unacked counts; '' for none"
+    )
+    writer_targets: list[str] = Field(["zoho_crm", "salesforce", "acumatica", "sage300"])
+    master_key: SecretStr = Field(SecretStr(DEV_MASTER_KEY), description="base64 32-byte key")
+    master_key_id: str = Field("k1", description="id stored beside every ciphertext")
+    old_master_keys: SecretStr = Field(
+        SecretStr(""), description="'id:base64key,...' keys still accepted for decryption"
+    )
+    prefetch: int = Field(200, ge=1, le=2000)
+    retry_delays_s: list[int] = Field([5, 30, 120, 600, 1800])
+    log_level: str = "INFO"
+    http_timeout_s: float = Field(60.0, gt=0)
+    http_connect_timeout_s: float = Field(10.0, gt=0)
+    health_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    webhook_port: int = Field(8300, ge=0, le=65535)
+    webhook_public_url: str = "http://127.0.0.1:8300"
+    replica: str = Field("", description="name of this replica in the audit trail")
+
+    @field_validator("retry_delays_s", "writer_targets", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _known_env(cls, value: str) -> str:
+        if value not in {"development", "production"}:
+            raise ValueError("must be development or production")
+        return value
+
+    def check_production(self) -> None:
+        if self.env == "production" and self.master_key.get_secret_value() == DEV_MASTER_KEY:
+            raise ValueError("MLC_MASTER_KEY: the development key is refused in production")
+
+
+class SettingsError(SystemExit):
+    pass
+
+
+def describe_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    name = "MLC_" + "_".join(str(part) for part in first["loc"][:1]).upper()
+    return f"setting {name} is invalid: {first['msg']}"
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    """The settings of this process; on a bad value, one line on stderr and exit status 2."""
+    try:
+        settings = Settings()
+        settings.check_production()
+    except ValidationError as exc:
+        print(f"ml-connector: {describe_error(exc)}", file=sys.stderr)
+        raise SettingsError(2) from None
+    except ValueError as exc:
+        print(f"ml-connector: {exc}", file=sys.stderr)
+        raise SettingsError(2) from None
+    return settings

@@ -1,0 +1,80 @@
+"""Migrations and the audit writer against the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from shared import db
+from shared.audit import AuditEvent, AuditWriter
+
+
+async def _schema(dsn: str) -> list[tuple[str, str, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = 'public' ORDER BY 1, 2"
+        )
+        return [tuple(r) for r in rows]
+    finally:
+        await conn.close()
+
+
+async def test_migrations_twice_change_nothing(database_url: str) -> None:
+    before = await _schema(database_url)
+    assert await db.migrate(database_url) == []
+    assert await _schema(database_url) == before
+    tables = {t for t, _, _ in before}
+    assert {"connections", "flows", "cursors", "record_links", "audit_events"} <= tables
+    assert {"webhook_channels", "token_cache", "schema_migrations"} <= tables
+
+
+async def test_concurrent_migrate_runs_do_not_collide(services: dict[str, str]) -> None:
+    base = services["pg_base"]
+    name = "mlc_test_concurrent_migrate"
+    admin = await asyncpg.connect(f"{base}/postgres")
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        results = await asyncio.gather(*(db.migrate(f"{base}/{name}") for _ in range(4)))
+        applied = [r for r in results if r]
+        assert len(applied) == 1, results  # exactly one run applied the migrations
+        assert applied[0] == [f"{n:03d}_{nm}" for n, nm, _ in db.migrations()]
+        conn = await asyncpg.connect(f"{base}/{name}")
+        count = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+        await conn.close()
+        assert count == len(db.migrations())
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_audit_writer_persists_10000_events_and_loses_none_on_close(
+    clean_db: asyncpg.Pool,
+) -> None:
+    writer = await AuditWriter(clean_db, max_batch=1000, interval_s=0.05).start()
+    for i in range(10):
+        writer.add(
+            AuditEvent(
+                stage="polled",
+                status="ok",
+                actor="test",
+                flow="f",
+                source_ref=f"syspro:ArCustomer:C{i * 1000 + j}",
+            )
+            for j in range(1000)
+        )
+    await writer.close()
+    assert writer.rows_written == 10_000
+    count = await clean_db.fetchval("SELECT count(*) FROM audit_events")
+    distinct = await clean_db.fetchval("SELECT count(DISTINCT source_ref) FROM audit_events")
+    assert (count, distinct) == (10_000, 10_000)
+
+
+async def test_audit_write_returns_after_commit(clean_db: asyncpg.Pool) -> None:
+    writer = await AuditWriter(clean_db, interval_s=5).start()
+    await writer.write([AuditEvent(stage="written", status="insert", actor="t", flow="f")])
+    assert await clean_db.fetchval("SELECT count(*) FROM audit_events") == 1
+    await writer.close()
