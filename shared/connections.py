@@ -1,0 +1,158 @@
+"""Connections: a named, configured instance of an external system.
+
+Non-secret settings are stored as JSON; secrets are sealed by the vault with the connection name
+as associated data. Each system module declares its settings and secrets as pydantic models and
+registers a ``ConnectorType``; ``open_connector`` builds a live connector from a stored row.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from shared.connectors.base import Connector
+from shared.tokens import TokenCache
+from shared.vault import Vault
+
+CONNECTOR_MODULES = {
+    "syspro": "shared.connectors.syspro",
+    "zoho_crm": "shared.connectors.zoho_crm",
+}
+
+
+@dataclass(frozen=True)
+class ConnectorType:
+    system: str
+    settings_model: type[BaseModel]
+    secrets_model: type[BaseModel]
+    factory: Callable[..., Connector]
+    description: str = ""
+
+
+class ConnectionConfigError(Exception):
+    """A connection that does not exist or whose stored definition is invalid."""
+
+
+def connector_type(system: str) -> ConnectorType:
+    module_name = CONNECTOR_MODULES.get(system)
+    if module_name is None:
+        known = ", ".join(sorted(CONNECTOR_MODULES))
+        raise ConnectionConfigError(f"unknown system {system!r} (known: {known})")
+    return importlib.import_module(module_name).CONNECTOR_TYPE
+
+
+def validation_message(exc: ValidationError, what: str) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+    )
+    return f"{what}: {problems}"
+
+
+@dataclass
+class StoredConnection:
+    name: str
+    system: str
+    settings: dict[str, Any]
+    secrets: dict[str, SecretStr]
+    key_id: str | None
+
+    def describe(self) -> dict[str, Any]:
+        """What ``connections show`` prints: settings, and secret names only."""
+        return {
+            "name": self.name,
+            "system": self.system,
+            "settings": self.settings,
+            "secrets": {name: "********" for name in sorted(self.secrets)},
+            "key_id": self.key_id,
+        }
+
+
+class ConnectionStore:
+    def __init__(self, pool: asyncpg.Pool, vault: Vault) -> None:
+        self.pool = pool
+        self.vault = vault
+
+    async def add(
+        self,
+        name: str,
+        system: str,
+        settings: dict[str, Any],
+        secrets: dict[str, str],
+        *,
+        replace: bool = False,
+    ) -> StoredConnection:
+        kind = connector_type(system)
+        try:
+            valid_settings = kind.settings_model.model_validate(settings)
+            valid_secrets = kind.secrets_model.model_validate(secrets)
+        except ValidationError as exc:
+            raise ConnectionConfigError(validation_message(exc, f"connection {name!r}")) from None
+        secret_values = {
+            k: v if isinstance(v, SecretStr) else SecretStr(str(v))
+            for k, v in valid_secrets.model_dump().items()
+            if v is not None
+        }
+        blob = self.vault.seal_secrets(secret_values, name)
+        settings_json = valid_settings.model_dump(mode="json")
+        conflict = (
+            "ON CONFLICT (name) DO UPDATE SET system = $2, settings = $3, secrets = $4,"
+            " key_id = $5, updated_at = now()"
+            if replace
+            else ""
+        )
+        try:
+            await self.pool.execute(
+                "INSERT INTO connections (name, system, settings, secrets, key_id)"
+                f" VALUES ($1, $2, $3, $4, $5) {conflict}",
+                name,
+                system,
+                settings_json,
+                blob,
+                self.vault.current_key_id,
+            )
+        except asyncpg.UniqueViolationError:
+            raise ConnectionConfigError(f"connection {name!r} exists already") from None
+        return StoredConnection(
+            name, system, settings_json, secret_values, self.vault.current_key_id
+        )
+
+    async def get(self, name: str) -> StoredConnection:
+        row = await self.pool.fetchrow("SELECT * FROM connections WHERE name = $1", name)
+        if row is None:
+            raise ConnectionConfigError(f"no connection named {name!r}")
+        secrets = self.vault.open_secrets(row["secrets"], name) if row["secrets"] else {}
+        return StoredConnection(name, row["system"], row["settings"], secrets, row["key_id"])
+
+    async def list(self) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT name, system, settings, key_id, updated_at FROM connections ORDER BY name"
+        )
+        return [dict(row) for row in rows]
+
+    async def remove(self, name: str) -> bool:
+        result = await self.pool.execute("DELETE FROM connections WHERE name = $1", name)
+        await self.pool.execute("DELETE FROM token_cache WHERE connection = $1", name)
+        return result.endswith(" 1")
+
+    async def open(self, name: str, **deps: Any) -> Connector:
+        stored = await self.get(name)
+        return build_connector(stored, token_cache=TokenCache(self.pool, self.vault), **deps)
+
+
+def build_connector(stored: StoredConnection, **deps: Any) -> Connector:
+    kind = connector_type(stored.system)
+    try:
+        settings = kind.settings_model.model_validate(stored.settings)
+        secrets = kind.secrets_model.model_validate(
+            {k: v.get_secret_value() for k, v in stored.secrets.items()}
+        )
+    except ValidationError as exc:
+        raise ConnectionConfigError(
+            validation_message(exc, f"connection {stored.name!r}")
+        ) from None
+    return kind.factory(stored.name, settings, secrets, **deps)
