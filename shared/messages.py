@@ -78,6 +78,8 @@ class ParentRef(BaseModel):
     source_entity: str
     source_key: str
     target_entity: str
+    match_field: str | None = None
+    match_value: str | None = None
     shape: Literal["id_object", "id"] = "id_object"
 
 

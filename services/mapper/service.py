@@ -1,0 +1,166 @@
+"""The mapper: turns each ChangeEvent into an UpsertCommand shaped for the target, from the
+flow's declarative mapping, and publishes the commands of one target entity as one message.
+A record it cannot map is split out and dead-lettered with the reason."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.runtime import ServiceContext
+from shared import metrics
+from shared.audit import AuditEvent
+from shared.bus import MAPPER_QUEUE, UnroutableError
+from shared.failures import FailureClass, MappingError, PermanentError, classify, describe
+from shared.flow_store import FlowNotFoundError
+from shared.mapping import map_event
+from shared.messages import (
+    ChangeBatch,
+    ChangeEvent,
+    CommandBatch,
+    MessageFormatError,
+    UpsertCommand,
+    decode,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Mapper:
+    def __init__(self, ctx: ServiceContext, *, prefetch: int = 50) -> None:
+        self.ctx = ctx
+        self.prefetch = prefetch
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ctx.bus.consume(MAPPER_QUEUE, self.on_message, prefetch=self.prefetch)
+        await stop.wait()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        bus = self.ctx.bus
+        try:
+            batch = decode(message.type, message.body)
+            if not isinstance(batch, ChangeBatch):
+                raise MessageFormatError(f"mapper got a {message.type} message")
+        except MessageFormatError as exc:
+            await bus.route_failure(
+                message, MAPPER_QUEUE, FailureClass.PERMANENT, str(exc), service=self.ctx.actor
+            )
+            await message.ack()
+            return
+        try:
+            commands, failed = await self.map_batch(batch)
+            await self.publish(commands)
+        except (FlowNotFoundError, UnroutableError, PermanentError) as exc:
+            await bus.route_failure(
+                message, MAPPER_QUEUE, FailureClass.PERMANENT, describe(exc), service=self.ctx.actor
+            )
+            await self._audit_failed(batch.events, exc)
+            await message.ack()
+            return
+        for event, error in failed:
+            body = batch.split(event).model_dump_json().encode()
+            await bus.route_failure(
+                message,
+                MAPPER_QUEUE,
+                classify(error),
+                describe(error),
+                body=body,
+                service=self.ctx.actor,
+            )
+        await self._audit(batch, commands, failed)
+        await message.ack()
+
+    async def map_batch(
+        self, batch: ChangeBatch
+    ) -> tuple[list[UpsertCommand], list[tuple[ChangeEvent, Exception]]]:
+        stored = await self.ctx.flows.get(batch.flow)
+        if not stored.enabled:
+            raise PermanentError(f"flow {batch.flow!r} is disabled; enable it, then replay")
+        target_system = await self.ctx.system_of(stored.flow.target)
+        commands: list[UpsertCommand] = []
+        failed: list[tuple[ChangeEvent, Exception]] = []
+        for event in batch.events:
+            flow = await self.ctx.flows.get_version(event.flow, event.flow_version)
+            try:
+                commands.append(
+                    map_event(
+                        flow,
+                        event.flow_version,
+                        event,
+                        target_connection=flow.target,
+                        target_system=target_system,
+                    )
+                )
+            except (MappingError, KeyError) as exc:
+                error = exc if isinstance(exc, MappingError) else MappingError(str(exc))
+                failed.append((event, error))
+        return commands, failed
+
+    async def publish(self, commands: list[UpsertCommand]) -> None:
+        groups: dict[tuple[str, str, str], list[UpsertCommand]] = defaultdict(list)
+        for command in commands:
+            key = (command.target_system, command.target_connection, command.target_entity)
+            groups[key].append(command)
+        await self.ctx.bus.publish_many(
+            (
+                "commands",
+                f"{system}.{entity}",
+                CommandBatch(target_connection=connection, target_entity=entity, commands=group),
+            )
+            for (system, connection, entity), group in groups.items()
+        )
+
+    async def _audit(
+        self,
+        batch: ChangeBatch,
+        commands: list[UpsertCommand],
+        failed: list[tuple[ChangeEvent, Exception]],
+    ) -> None:
+        rows = [
+            AuditEvent(
+                stage="mapped",
+                status="ok",
+                actor=self.ctx.actor,
+                flow=c.flow,
+                direction=f"{c.source_system}->{c.target_system}",
+                source_ref=c.source_ref,
+                event_id=c.event_id,
+                command_id=c.command_id,
+                message_id=batch.batch_id,
+                transformation=c.transformation,
+                details={"target_entity": c.target_entity},
+            )
+            for c in commands
+        ]
+        await self.ctx.audit.write(rows + self._failed_rows(failed, batch.batch_id))
+        metrics.RECORDS.labels(batch.flow, "mapped").inc(len(commands))
+        if failed:
+            metrics.RECORDS.labels(batch.flow, "failed").inc(len(failed))
+
+    def _failed_rows(
+        self, failed: list[tuple[ChangeEvent, Exception]], message_id: str
+    ) -> list[AuditEvent]:
+        return [
+            AuditEvent(
+                stage="mapped",
+                status="dead_lettered",
+                actor=self.ctx.actor,
+                flow=e.flow,
+                source_ref=f"{e.source_system}:{e.entity}:{e.key}",
+                event_id=e.event_id,
+                message_id=message_id,
+                error_class=str(classify(error)),
+                error=describe(error),
+            )
+            for e, error in failed
+        ]
+
+    async def _audit_failed(self, events: list[ChangeEvent], error: Exception) -> None:
+        await self.ctx.audit.write(self._failed_rows([(e, error) for e in events], ""))
+
+
+async def run(ctx: ServiceContext, stop: asyncio.Event) -> None:
+    await Mapper(ctx).run(stop)

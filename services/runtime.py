@@ -1,0 +1,169 @@
+"""What every service shares at run time: settings, pool, bus, audit, connectors, health server,
+and a graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shared import db
+from shared.audit import AuditWriter
+from shared.bus import Bus, Topology
+from shared.connections import ConnectionStore
+from shared.connectors.base import Connector
+from shared.flow_store import FlowStore
+from shared.logs import register_secret
+from shared.settings import Settings
+from shared.vault import Vault
+
+log = logging.getLogger(__name__)
+
+
+def topology_from(settings: Settings) -> Topology:
+    return Topology(
+        prefix=settings.bus_prefix,
+        retry_delays_s=list(settings.retry_delays_s),
+        writer_targets=tuple(settings.writer_targets),
+    )
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    pool: asyncpg.Pool
+    bus: Bus
+    audit: AuditWriter
+    vault: Vault
+    connections: ConnectionStore
+    flows: FlowStore
+    actor: str
+    _connectors: dict[str, Connector] = field(default_factory=dict)
+    _connector_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    connector_options: dict[str, Any] = field(default_factory=dict)
+
+    async def connector(self, name: str) -> Connector:
+        connector = self._connectors.get(name)
+        if connector is not None:
+            return connector
+        async with self._connector_lock:
+            connector = self._connectors.get(name)
+            if connector is None:
+                stored = await self.connections.get(name)
+                for secret in stored.secrets.values():
+                    register_secret(secret.get_secret_value())
+                connector = await self.connections.open(name, **self.connector_options)
+                self._connectors[name] = connector
+        return connector
+
+    async def system_of(self, connection: str) -> str:
+        return (await self.connections.get(connection)).system
+
+    async def close(self) -> None:
+        for connector in self._connectors.values():
+            with contextlib.suppress(Exception):
+                await connector.close()
+        self._connectors.clear()
+        with contextlib.suppress(Exception):
+            await self.audit.close()
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+        with contextlib.suppress(Exception):
+            await self.pool.close()
+
+
+def actor_name(settings: Settings, service: str) -> str:
+    return settings.replica or f"{service}@{socket.gethostname()}:{os.getpid()}"
+
+
+async def open_context(settings: Settings, service: str, *, declare: bool = True) -> ServiceContext:
+    dsn = settings.database_url.get_secret_value()
+    pool = await db.create_pool(dsn, max_size=10)
+    bus = Bus(
+        settings.amqp_url.get_secret_value(),
+        topology_from(settings),
+        management_url=settings.rabbitmq_api_url or None,
+    )
+    await bus.connect()
+    if declare:
+        await bus.declare()
+    vault = Vault.from_settings(settings)
+    audit = await AuditWriter(pool).start()
+    return ServiceContext(
+        settings=settings,
+        pool=pool,
+        bus=bus,
+        audit=audit,
+        vault=vault,
+        connections=ConnectionStore(pool, vault),
+        flows=FlowStore(pool),
+        actor=actor_name(settings, service),
+    )
+
+
+class HealthServer:
+    """/healthz (the process runs), /readyz (database and broker answer), /metrics."""
+
+    def __init__(self, ctx: ServiceContext, port: int) -> None:
+        self.ctx = ctx
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        problems = []
+        try:
+            await asyncio.wait_for(self.ctx.pool.fetchval("SELECT 1"), 2)
+        except Exception as exc:
+            problems.append(f"database: {exc.__class__.__name__}")
+        connection = self.ctx.bus.connection
+        if connection is None or connection.is_closed:
+            problems.append("broker: not connected")
+        status = 200 if not problems else 503
+        return web.json_response({"ready": not problems, "problems": problems}, status=status)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+Runnable = Callable[[ServiceContext, asyncio.Event], Awaitable[None]]

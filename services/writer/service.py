@@ -1,0 +1,466 @@
+"""The writer: idempotent upserts into the target, in the target's largest batches.
+
+Each bus message (a CommandBatch) hands its commands to a ``Batcher``. The batcher gathers
+commands per target connection, entity and match fields, and flushes at the sink's batch size
+or after a short wait. A flush:
+
+1. keeps the newest command per record and defers records another flush is writing
+   (in this process, and across replicas through Postgres advisory locks);
+2. skips commands older than, or identical to, the last write (``record_links``): no API call;
+3. resolves parent lookups through ``record_links``, then the target, else retries later;
+4. upserts, and records the links and the audit rows before anyone is told the outcome.
+
+The message is acked after every one of its commands has an outcome in the audit trail; the
+failed ones are split out and sent one by one to retry or the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.runtime import ServiceContext
+from shared import metrics
+from shared.audit import AuditEvent
+from shared.bus import WorkQueue, writer_queue
+from shared.connectors.base import Sink, WriteOutcome
+from shared.failures import (
+    FailureClass,
+    ParentNotWrittenError,
+    classify,
+    describe,
+)
+from shared.messages import CommandBatch, MessageFormatError, UpsertCommand, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    status: str  # insert, update, unchanged, stale, superseded, failed
+    failure: FailureClass | None = None
+    error: str | None = None
+    target_id: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+
+@dataclass
+class Pending:
+    command: UpsertCommand
+    future: asyncio.Future[Outcome]
+    message_id: str | None = None
+
+    @property
+    def record(self) -> tuple[str, str, str]:
+        c = self.command
+        return (c.flow, c.source_entity, c.source_key)
+
+
+GroupKey = tuple[str, str, tuple[str, ...]]
+
+
+@dataclass
+class Group:
+    items: list[Pending] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Batcher:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        *,
+        max_wait_s: float = 0.2,
+        concurrency: int = 4,
+        batch_size: int | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.max_wait_s = max_wait_s
+        self.batch_size = batch_size
+        self._groups: dict[GroupKey, Group] = defaultdict(Group)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._in_flight: set[tuple[str, str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.api_batches = 0
+
+    def submit(
+        self, command: UpsertCommand, message_id: str | None = None
+    ) -> asyncio.Future[Outcome]:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._add(Pending(command, future, message_id))
+        return future
+
+    def _add(self, pending: Pending) -> None:
+        c = pending.command
+        key: GroupKey = (c.target_connection, c.target_entity, tuple(c.match_on))
+        group = self._groups[key]
+        group.items.append(pending)
+        if len(group.items) >= self._size_for(c.target_connection):
+            self._flush_now(key)
+        elif group.timer is None:
+            loop = asyncio.get_running_loop()
+            group.timer = loop.call_later(self.max_wait_s, self._flush_now, key)
+
+    def _size_for(self, connection: str) -> int:
+        if self.batch_size:
+            return self.batch_size
+        connector = self.ctx._connectors.get(connection)
+        return getattr(connector, "max_batch", 100)
+
+    def _flush_now(self, key: GroupKey) -> None:
+        group = self._groups.get(key)
+        if group is None or not group.items:
+            return
+        if group.timer is not None:
+            group.timer.cancel()
+            group.timer = None
+        size = self._size_for(key[0])
+        items, group.items = group.items[:size], group.items[size:]
+        if group.items:
+            group.timer = asyncio.get_running_loop().call_later(0, self._flush_now, key)
+        task = asyncio.create_task(self._flush(key, items))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        for key in list(self._groups):
+            self._flush_now(key)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- one flush ----------------------------------------------------------------------------
+
+    async def _flush(self, key: GroupKey, items: list[Pending]) -> None:
+        async with self._slots:
+            try:
+                await self._write(key, items)
+            except Exception as exc:  # the sink or the database failed for the whole batch
+                log.warning("write batch failed: %s", describe(exc))
+                outcome = Outcome("failed", classify(exc), describe(exc))
+                open_items = [item for item in items if not item.future.done()]
+                try:
+                    await self._audit_outcomes([(item, outcome) for item in open_items])
+                finally:
+                    for item in open_items:
+                        if not item.future.done():
+                            item.future.set_result(outcome)
+
+    async def _write(self, key: GroupKey, items: list[Pending]) -> None:
+        connection, entity, match_on = key
+        # 1. newest command per record; records being written elsewhere wait for the next flush
+        newest: dict[tuple[str, str, str], Pending] = {}
+        superseded: list[Pending] = []
+        for item in items:
+            current = newest.get(item.record)
+            if current is None or item.command.observed_at >= current.command.observed_at:
+                if current is not None:
+                    superseded.append(current)
+                newest[item.record] = item
+            else:
+                superseded.append(item)
+        deferred = [p for r, p in newest.items() if r in self._in_flight]
+        mine = {r: p for r, p in newest.items() if r not in self._in_flight}
+        self._in_flight.update(mine)
+        try:
+            async with self.ctx.pool.acquire() as conn:
+                locked = await self._lock_records(conn, list(mine))
+                try:
+                    for record in list(mine):
+                        if record not in locked:
+                            deferred.append(mine.pop(record))
+                    results = await self._write_records(conn, connection, entity, match_on, mine)
+                finally:
+                    await self._unlock_records(conn, locked)
+        finally:
+            self._in_flight.difference_update(mine)
+        results += [(p, Outcome("superseded")) for p in superseded]
+        await self._audit_outcomes(results)
+        for pending, outcome in results:
+            if not pending.future.done():
+                pending.future.set_result(outcome)
+        for pending in deferred:
+            asyncio.get_running_loop().call_later(self.max_wait_s, self._add, pending)
+
+    async def _lock_records(
+        self, conn: asyncpg.Connection, records: list[tuple[str, str, str]]
+    ) -> set[tuple[str, str, str]]:
+        if not records:
+            return set()
+        names = ["\x1f".join(r) for r in records]
+        rows = await conn.fetch(
+            "SELECT n, pg_try_advisory_lock(hashtextextended(n, 7)) AS ok"
+            " FROM unnest($1::text[]) AS n",
+            names,
+        )
+        got = {row["n"] for row in rows if row["ok"]}
+        return {r for r, n in zip(records, names, strict=True) if n in got}
+
+    async def _unlock_records(
+        self, conn: asyncpg.Connection, records: set[tuple[str, str, str]]
+    ) -> None:
+        if records:
+            await conn.execute(
+                "SELECT pg_advisory_unlock(hashtextextended(n, 7)) FROM unnest($1::text[]) AS n",
+                ["\x1f".join(r) for r in records],
+            )
+
+    async def _write_records(
+        self,
+        conn: asyncpg.Connection,
+        connection: str,
+        entity: str,
+        match_on: tuple[str, ...],
+        mine: dict[tuple[str, str, str], Pending],
+    ) -> list[tuple[Pending, Outcome]]:
+        results: list[tuple[Pending, Outcome]] = []
+        if not mine:
+            return results
+        links = await _load_links(conn, list(mine))
+        to_write: list[Pending] = []
+        for record, pending in mine.items():
+            link = links.get(record)
+            command = pending.command
+            if link is not None and link["target_id"]:
+                if link["observed_at"] and command.observed_at < link["observed_at"]:
+                    results.append((pending, Outcome("stale", target_id=link["target_id"])))
+                    continue
+                if link["payload_hash"] == command.payload_hash:
+                    results.append((pending, Outcome("unchanged", target_id=link["target_id"])))
+                    continue
+            to_write.append(pending)
+        if not to_write:
+            return results
+        sink = await self.ctx.connector(connection)
+        assert isinstance(sink, Sink), f"connection {connection} cannot be a target"
+        payloads, ready = await self._with_parents(conn, sink, to_write, results)
+        if not ready:
+            return results
+        outcomes = await sink.upsert(entity, payloads, list(match_on))
+        self.api_batches += 1
+        if len(outcomes) != len(ready):
+            raise RuntimeError(f"sink returned {len(outcomes)} outcomes for {len(ready)} records")
+        written: list[tuple[Pending, WriteOutcome]] = []
+        for pending, result in zip(ready, outcomes, strict=True):
+            if result.ok:
+                written.append((pending, result))
+                results.append(
+                    (pending, Outcome(result.action or "update", target_id=result.target_id))
+                )
+            else:
+                failure = result.failure or FailureClass.PERMANENT
+                text = result.error or "rejected by the target"
+                if result.code:
+                    text = f"{result.code}: {text}"
+                results.append((pending, Outcome("failed", failure, text)))
+        await _save_links(conn, written)
+        return results
+
+    async def _with_parents(
+        self,
+        conn: asyncpg.Connection,
+        sink: Sink,
+        pending: list[Pending],
+        results: list[tuple[Pending, Outcome]],
+    ) -> tuple[list[dict[str, Any]], list[Pending]]:
+        refs = {
+            (ref.flow, ref.source_entity, ref.source_key)
+            for p in pending
+            for ref in p.command.parents
+        }
+        known = await _load_links(conn, list(refs)) if refs else {}
+        ids = {r: row["target_id"] for r, row in known.items() if row["target_id"]}
+        payloads: list[dict[str, Any]] = []
+        ready: list[Pending] = []
+        for item in pending:
+            payload = dict(item.command.payload)
+            missing = None
+            for ref in item.command.parents:
+                record = (ref.flow, ref.source_entity, ref.source_key)
+                target_id = ids.get(record)
+                if target_id is None and record not in self._in_flight and ref.match_field:
+                    target_id = await sink.find_id(
+                        ref.target_entity, ref.match_field, ref.match_value or ref.source_key
+                    )
+                    if target_id:
+                        ids[record] = target_id
+                if target_id is None:
+                    missing = ref
+                    break
+                payload[ref.field] = {"id": target_id} if ref.shape == "id_object" else target_id
+            if missing is not None:
+                error = ParentNotWrittenError(
+                    f"parent {missing.source_entity} {missing.source_key!r} of"
+                    f" {item.command.source_key!r} is not in {missing.target_entity} yet"
+                )
+                results.append((item, Outcome("failed", error.failure_class, str(error))))
+                continue
+            payloads.append(payload)
+            ready.append(item)
+        return payloads, ready
+
+    async def _audit_outcomes(self, results: list[tuple[Pending, Outcome]]) -> None:
+        rows = []
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        for pending, outcome in results:
+            c = pending.command
+            stage = (
+                "written"
+                if outcome.status in ("insert", "update")
+                else "failed"
+                if outcome.failed
+                else "skipped"
+            )
+            counts[(c.flow, stage)] += 1
+            rows.append(
+                AuditEvent(
+                    stage=stage,
+                    status=outcome.status,
+                    actor=self.ctx.actor,
+                    flow=c.flow,
+                    direction=f"{c.source_system}->{c.target_system}",
+                    source_ref=c.source_ref,
+                    target_ref=f"{c.target_system}:{c.target_entity}:{outcome.target_id}"
+                    if outcome.target_id
+                    else None,
+                    event_id=c.event_id,
+                    command_id=c.command_id,
+                    message_id=pending.message_id,
+                    error_class=str(outcome.failure) if outcome.failure else None,
+                    error=outcome.error,
+                    transformation=c.transformation,
+                    details={"source_version": c.source_version},
+                )
+            )
+        if rows:
+            await self.ctx.audit.write(rows)
+        for (flow, stage), n in counts.items():
+            metrics.RECORDS.labels(flow, stage).inc(n)
+
+
+async def _load_links(
+    conn: asyncpg.Connection, records: list[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], asyncpg.Record]:
+    rows = await conn.fetch(
+        """SELECT l.* FROM record_links l
+           JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(flow, entity, key)
+             ON l.flow = k.flow AND l.source_entity = k.entity AND l.source_key = k.key""",
+        [r[0] for r in records],
+        [r[1] for r in records],
+        [r[2] for r in records],
+    )
+    return {(row["flow"], row["source_entity"], row["source_key"]): row for row in rows}
+
+
+async def _save_links(
+    conn: asyncpg.Connection, written: list[tuple[Pending, WriteOutcome]]
+) -> None:
+    if not written:
+        return
+    cs = [p.command for p, _ in written]
+    await conn.execute(
+        """INSERT INTO record_links (flow, source_entity, source_key, target_connection,
+               target_entity, target_id, source_version, observed_at, payload_hash,
+               last_command_id, updated_at)
+           SELECT * , now() FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+               $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[])
+           ON CONFLICT (flow, source_entity, source_key) DO UPDATE SET
+               target_connection = EXCLUDED.target_connection,
+               target_entity = EXCLUDED.target_entity,
+               target_id = COALESCE(EXCLUDED.target_id, record_links.target_id),
+               source_version = EXCLUDED.source_version, observed_at = EXCLUDED.observed_at,
+               payload_hash = EXCLUDED.payload_hash, last_command_id = EXCLUDED.last_command_id,
+               updated_at = now()
+           WHERE record_links.observed_at IS NULL
+              OR record_links.observed_at <= EXCLUDED.observed_at""",
+        [c.flow for c in cs],
+        [c.source_entity for c in cs],
+        [c.source_key for c in cs],
+        [c.target_connection for c in cs],
+        [c.target_entity for c in cs],
+        [o.target_id for _, o in written],
+        [c.source_version for c in cs],
+        [c.observed_at for c in cs],
+        [c.payload_hash for c in cs],
+        [c.command_id for c in cs],
+    )
+
+
+class Writer:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        *,
+        targets: list[str] | None = None,
+        prefetch: int = 20,
+        concurrency: int = 4,
+        max_wait_s: float = 0.2,
+    ) -> None:
+        self.ctx = ctx
+        self.targets = targets or list(ctx.settings.writer_targets)
+        self.prefetch = prefetch
+        self.batcher = Batcher(ctx, concurrency=concurrency, max_wait_s=max_wait_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for target in self.targets:
+            queue = writer_queue(target)
+            await self.ctx.bus.consume(
+                queue, lambda m, q=queue: self.on_message(m, q), prefetch=self.prefetch
+            )
+        await stop.wait()
+        await self.batcher.drain()
+
+    async def on_message(self, message: AbstractIncomingMessage, queue: WorkQueue) -> None:
+        bus = self.ctx.bus
+        try:
+            batch = decode(message.type, message.body)
+            if not isinstance(batch, CommandBatch):
+                raise MessageFormatError(f"writer got a {message.type} message")
+        except MessageFormatError as exc:
+            await bus.route_failure(
+                message, queue, FailureClass.PERMANENT, str(exc), service=self.ctx.actor
+            )
+            await message.ack()
+            return
+        # Make sure the sink is open so that its batch size is known before batching.
+        await self.ctx.connector(batch.target_connection)
+        futures = [self.batcher.submit(c, batch.batch_id) for c in batch.commands]
+        outcomes = await asyncio.gather(*futures)
+        failed = [(c, o) for c, o in zip(batch.commands, outcomes, strict=True) if o.failed]
+        if len(failed) == len(batch.commands) and len({o.failure for _, o in failed}) == 1:
+            # The whole message failed alike: route it as it is, no need to split.
+            _, outcome = failed[0]
+            await bus.route_failure(
+                message,
+                queue,
+                outcome.failure,
+                outcome.error or "",
+                service=self.ctx.actor,  # type: ignore[arg-type]
+            )
+        else:
+            for command, outcome in failed:
+                body = batch.split(command).model_dump_json().encode()
+                await bus.route_failure(
+                    message,
+                    queue,
+                    outcome.failure,
+                    outcome.error or "",  # type: ignore[arg-type]
+                    body=body,
+                    service=self.ctx.actor,
+                )
+        await message.ack()
+
+
+async def run(ctx: ServiceContext, stop: asyncio.Event) -> None:
+    await Writer(ctx).run(stop)
+
+
+__all__ = ["Batcher", "Outcome", "Writer", "run"]

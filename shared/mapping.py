@@ -1,0 +1,301 @@
+"""The mapping engine: a source record and a flow's entity mapping in, a target payload out.
+
+Per field, in order: the value (from a column, a template, a constant, a computed function, or a
+parent reference), then a lookup table, then type coercion, then required/default/max_length.
+Anything that cannot be mapped raises ``MappingError`` naming the flow, entity and field.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from shared.failures import MappingError
+from shared.flows import EntityMapping, FieldSpec, Flow
+from shared.messages import ChangeEvent, ParentRef, UpsertCommand
+
+_FORMATTER = string.Formatter()
+
+
+class _Context:
+    def __init__(self, flow: Flow, entity: EntityMapping, record: dict[str, Any], today: date):
+        self.flow = flow
+        self.entity = entity
+        self.record = record
+        self.today = today
+
+    def fail(self, field: str, message: str) -> MappingError:
+        return MappingError(
+            f"flow {self.flow.name!r}, entity {self.entity.name!r}, field {field!r}: {message}"
+        )
+
+
+def render_template(template: str, record: dict[str, Any], *, field: str = "") -> str:
+    out = []
+    for literal, name, spec, _ in _FORMATTER.parse(template):
+        out.append(literal)
+        if name is None:
+            continue
+        if name not in record:
+            raise KeyError(name)
+        value = record[name]
+        text = "" if value is None else str(value).strip()
+        out.append(format(text, spec) if spec else text)
+    return " ".join("".join(out).split()) if "\n" not in template else "".join(out).strip()
+
+
+# -- coercion ---------------------------------------------------------------------------------
+
+
+def to_date(value: Any) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    text = str(value).strip()
+    try:
+        return date.fromisoformat(text[:10])
+    except ValueError:
+        raise ValueError(f"{value!r} is not a date") from None
+
+
+def to_datetime(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        result = value
+    else:
+        text = str(value).strip().replace("Z", "+00:00")
+        try:
+            result = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a date-time") from None
+    return result if result.tzinfo else result.replace(tzinfo=UTC)
+
+
+def to_decimal(value: Any, places: int) -> float:
+    try:
+        number = Decimal(str(value).strip().replace(",", ""))
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a number") from None
+    if not number.is_finite():
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(number.quantize(Decimal(1).scaleb(-places)))
+
+
+def to_boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"y", "yes", "true", "1", "t"}:
+        return True
+    if text in {"n", "no", "false", "0", "f", ""}:
+        return False
+    raise ValueError(f"{value!r} is not a yes/no value")
+
+
+def coerce(value: Any, spec: FieldSpec) -> Any:
+    kind = spec.type
+    if kind is None:
+        return value.strip() if isinstance(value, str) else value
+    if kind == "string":
+        return str(value).strip()
+    if kind == "decimal":
+        return to_decimal(value, spec.places)
+    if kind == "integer":
+        number = Decimal(str(to_decimal(value, 6)))
+        if number != number.to_integral_value():
+            raise ValueError(f"{value!r} is not a whole number")
+        return int(number)
+    if kind == "date":
+        return to_date(value).isoformat()
+    if kind == "datetime":
+        return to_datetime(value).isoformat(timespec="seconds")
+    if kind == "boolean":
+        return to_boolean(value)
+    if kind == "currency":
+        text = str(value).strip().upper()
+        if len(text) != 3 or not text.isalpha():
+            raise ValueError(f"{value!r} is not a 3-letter currency code")
+        return text
+    raise ValueError(f"unknown type {kind!r}")  # pragma: no cover - validated by the model
+
+
+# -- computed values --------------------------------------------------------------------------
+
+
+def _add_days(ctx: _Context, date: Any, days: Any) -> str | None:
+    if date in (None, ""):
+        return None
+    return (to_date(date) + timedelta(days=int(Decimal(str(days or 0))))).isoformat()
+
+
+def _payment_status(ctx: _Context, balance: Any, due_date: Any) -> str:
+    """paid (nothing outstanding), overdue (outstanding past due), else open."""
+    outstanding = Decimal(str(balance or 0))
+    if outstanding <= 0:
+        return "paid"
+    if due_date not in (None, "") and to_date(due_date) < ctx.today:
+        return "overdue"
+    return "open"
+
+
+def _days_overdue(ctx: _Context, balance: Any, due_date: Any) -> int:
+    if Decimal(str(balance or 0)) <= 0 or due_date in (None, ""):
+        return 0
+    return max(0, (ctx.today - to_date(due_date)).days)
+
+
+def _coalesce(ctx: _Context, **values: Any) -> Any:
+    for _, value in sorted(values.items()):
+        if value not in (None, ""):
+            return value
+    return None
+
+
+COMPUTED: dict[str, Callable[..., Any]] = {
+    "add_days": _add_days,
+    "payment_status": _payment_status,
+    "days_overdue": _days_overdue,
+    "coalesce": _coalesce,
+}
+TIME_DEPENDENT = {"payment_status", "days_overdue"}
+
+
+def is_time_dependent(entity: EntityMapping) -> bool:
+    """Mappings whose output changes with the date alone (aging) are re-evaluated daily."""
+
+    def uses(spec: FieldSpec) -> bool:
+        if spec.compute in TIME_DEPENDENT:
+            return True
+        return any(
+            isinstance(a, dict) and uses(FieldSpec.model_validate(a)) for a in spec.args.values()
+        )
+
+    return any(uses(spec) for spec in entity.fields.values())
+
+
+# -- one field, one record --------------------------------------------------------------------
+
+
+def _value(ctx: _Context, name: str, spec: FieldSpec) -> Any:
+    record = ctx.record
+    if spec.from_ is not None:
+        if spec.from_ not in record:
+            raise ctx.fail(name, f"source column {spec.from_!r} is missing from the record")
+        value = record[spec.from_]
+    elif spec.template is not None:
+        try:
+            value = render_template(spec.template, record)
+        except KeyError as exc:
+            raise ctx.fail(name, f"template names unknown column {exc.args[0]!r}") from None
+    elif spec.compute is not None:
+        args = {}
+        for arg_name, arg in spec.args.items():
+            if isinstance(arg, dict | str):
+                args[arg_name] = _field(ctx, f"{name}.{arg_name}", FieldSpec.model_validate(arg))
+            else:
+                args[arg_name] = arg
+        try:
+            value = COMPUTED[spec.compute](ctx, **args)
+        except (ValueError, TypeError, InvalidOperation) as exc:
+            raise ctx.fail(name, f"{spec.compute}: {exc}") from None
+    else:
+        value = spec.value
+    if isinstance(value, str):
+        value = value.strip()
+    return value
+
+
+def _field(ctx: _Context, name: str, spec: FieldSpec) -> Any:
+    value = _value(ctx, name, spec)
+    if spec.lookup is not None and value not in (None, ""):
+        table = ctx.flow.lookups[spec.lookup]
+        key = str(value).strip()
+        if key in table:
+            value = table[key]
+        elif "default" in table:
+            value = table["default"]
+        else:
+            raise ctx.fail(name, f"{key!r} is not in lookup table {spec.lookup!r}")
+    if value in (None, ""):
+        if spec.default is not None:
+            value = spec.default
+        elif spec.required:
+            raise ctx.fail(name, "required value is empty")
+        else:
+            return None
+    try:
+        value = coerce(value, spec)
+    except (ValueError, InvalidOperation) as exc:
+        raise ctx.fail(name, str(exc)) from None
+    if spec.max_length and isinstance(value, str) and len(value) > spec.max_length:
+        value = value[: spec.max_length]
+    return value
+
+
+def map_record(
+    flow: Flow, entity: EntityMapping, record: dict[str, Any], *, today: date
+) -> tuple[dict[str, Any], list[ParentRef]]:
+    ctx = _Context(flow, entity, record, today)
+    payload: dict[str, Any] = {}
+    parents: list[ParentRef] = []
+    for name, spec in entity.fields.items():
+        if spec.parent is not None:
+            parent = flow.entity(spec.parent)
+            try:
+                key = render_template(spec.key or "", record)
+                match_value = render_template(spec.match.value, record) if spec.match else None
+            except KeyError as exc:
+                raise ctx.fail(name, f"parent key names unknown column {exc.args[0]!r}") from None
+            if not key:
+                if spec.required:
+                    raise ctx.fail(name, "parent key is empty")
+                continue
+            parents.append(
+                ParentRef(
+                    field=name,
+                    flow=flow.name,
+                    source_entity=parent.source.entity,
+                    source_key=key,
+                    target_entity=parent.target.entity,
+                    match_field=spec.match.field if spec.match else None,
+                    match_value=match_value,
+                )
+            )
+            continue
+        payload[name] = _field(ctx, name, spec)
+    for match_field in entity.target.match_on:
+        if payload.get(match_field) in (None, ""):
+            raise ctx.fail(match_field, "the match field of the target is empty")
+    return payload, parents
+
+
+def map_event(
+    flow: Flow,
+    flow_version: int,
+    event: ChangeEvent,
+    *,
+    target_connection: str,
+    target_system: str,
+) -> UpsertCommand:
+    entity = flow.entity_for_source(event.entity)
+    payload, parents = map_record(flow, entity, event.record, today=event.observed_at.date())
+    return UpsertCommand(
+        event_id=event.event_id,
+        flow=flow.name,
+        flow_version=flow_version,
+        transformation=f"{flow.name}/{entity.name}@v{flow_version}",
+        source_system=event.source_system,
+        source_entity=event.entity,
+        source_key=event.key,
+        source_version=event.version,
+        observed_at=event.observed_at,
+        target_connection=target_connection,
+        target_system=target_system,
+        target_entity=entity.target.entity,
+        match_on=list(entity.target.match_on),
+        payload=payload,
+        parents=parents,
+    )
