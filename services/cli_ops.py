@@ -1,0 +1,586 @@
+"""Operator commands: connections, flows, status, audit, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from services.cli import _context, _fail, _json, _pool, _run, main
+from shared.settings import load_settings
+
+# -- connections --------------------------------------------------------------------------------
+
+
+@main.group()
+def connections() -> None:
+    """External systems: add, list, show, remove, ping."""
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            _fail(f"--set takes NAME=VALUE, got {item!r}", 2)
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
+
+
+def _read_json_file(path: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        _fail(f"cannot read {what} {path}: {exc.strerror}", 2)
+    except json.JSONDecodeError as exc:
+        _fail(f"{what} {path} is not valid JSON: line {exc.lineno}: {exc.msg}", 2)
+    if not isinstance(data, dict):
+        _fail(f"{what} {path} must hold a JSON object", 2)
+    return data
+
+
+@connections.command("add")
+@click.argument("name")
+@click.option("--system", required=True, help="syspro, zoho_crm, ...")
+@click.option("--set", "sets", multiple=True, help="a setting NAME=VALUE (repeatable)")
+@click.option("--settings-file", type=click.Path(dir_okay=False), help="settings as JSON")
+@click.option("--secrets-file", type=click.Path(dir_okay=False), help="secrets as JSON")
+@click.option("--secrets-stdin", is_flag=True, help="read the secrets as JSON from stdin")
+@click.option("--ionapi", type=click.Path(dir_okay=False), help="Infor .ionapi credentials file")
+@click.option("--replace", is_flag=True, help="overwrite an existing connection")
+def connections_add(
+    name: str,
+    system: str,
+    sets: tuple[str, ...],
+    settings_file: str | None,
+    secrets_file: str | None,
+    secrets_stdin: bool,
+    ionapi: str | None,
+    replace: bool,
+) -> None:
+    """Add a connection. Secrets come from a prompt, stdin or a file, never from arguments."""
+    from shared.connections import ConnectionConfigError, connector_type
+
+    try:
+        kind = connector_type(system)
+    except ConnectionConfigError as exc:
+        _fail(str(exc), 2)
+    settings = _read_json_file(settings_file, "settings file") if settings_file else {}
+    settings.update(_parse_sets(sets))
+    secrets: dict[str, Any] = {}
+    if ionapi:
+        from_ionapi = getattr(kind.factory, "from_ionapi", None)
+        if from_ionapi is None:
+            _fail(f"--ionapi is for Infor connections, not {system}", 2)
+        extra_settings, secrets = from_ionapi(ionapi)
+        settings = {**extra_settings, **settings}
+    if secrets_file:
+        secrets.update(_read_json_file(secrets_file, "secrets file"))
+    if secrets_stdin:
+        try:
+            data = json.loads(sys.stdin.read())
+        except json.JSONDecodeError as exc:
+            _fail(f"stdin is not valid JSON: {exc.msg}", 2)
+        if not isinstance(data, dict):
+            _fail("stdin must hold a JSON object of secrets", 2)
+        secrets.update(data)
+    for field_name, info in kind.secrets_model.model_fields.items():
+        if field_name in secrets:
+            continue
+        if not sys.stdin.isatty():
+            if info.is_required():
+                _fail(
+                    f"secret {field_name!r} is missing (use --secrets-file or --secrets-stdin)", 2
+                )
+            continue
+        value = getpass.getpass(f"{field_name} for {name}: ")
+        if value or info.is_required():
+            secrets[field_name] = value
+
+    async def go() -> None:
+        from shared.connections import ConnectionStore
+        from shared.vault import Vault
+
+        async with _pool() as pool:
+            store = ConnectionStore(pool, Vault.from_settings(load_settings()))
+            await store.add(name, system, settings, secrets, replace=replace)
+
+    try:
+        _run(go())
+    except ConnectionConfigError as exc:
+        _fail(str(exc), 2)
+    click.echo(
+        f"connection {name} ({system}) saved; check it with: ml-connector connections ping {name}"
+    )
+
+
+@connections.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def connections_list(as_json: bool) -> None:
+    """Every connection with its system."""
+
+    async def go() -> list[dict[str, Any]]:
+        from shared.connections import ConnectionStore
+        from shared.vault import Vault
+
+        async with _pool() as pool:
+            return await ConnectionStore(pool, Vault.from_settings(load_settings())).list()
+
+    rows = _run(go())
+    if as_json:
+        click.echo(_json(rows))
+        return
+    if not rows:
+        click.echo("(no connections: ml-connector connections add NAME --system SYSTEM ...)")
+    for row in rows:
+        click.echo(f"{row['name']:<24} {row['system']:<12} key {row['key_id']}")
+
+
+@connections.command("show")
+@click.argument("name")
+def connections_show(name: str) -> None:
+    """Settings of a connection; secrets are shown as ******** only."""
+    from shared.connections import ConnectionConfigError, ConnectionStore
+    from shared.vault import Vault, VaultError
+
+    async def go() -> dict[str, Any]:
+        async with _pool() as pool:
+            stored = await ConnectionStore(pool, Vault.from_settings(load_settings())).get(name)
+            return stored.describe()
+
+    try:
+        click.echo(_json(_run(go())))
+    except (ConnectionConfigError, VaultError) as exc:
+        _fail(str(exc))
+
+
+@connections.command("remove")
+@click.argument("name")
+def connections_remove(name: str) -> None:
+    """Remove a connection and its cached token."""
+
+    async def go() -> bool:
+        from shared.connections import ConnectionStore
+        from shared.vault import Vault
+
+        async with _pool() as pool:
+            used = await pool.fetchval(
+                "SELECT string_agg(name, ', ') FROM flows"
+                " WHERE source_connection = $1 OR target_connection = $1",
+                name,
+            )
+            if used:
+                _fail(f"connection {name} is used by flows: {used}")
+            return await ConnectionStore(pool, Vault.from_settings(load_settings())).remove(name)
+
+    if not _run(go()):
+        _fail(f"no connection named {name!r}")
+    click.echo(f"connection {name} removed")
+
+
+@connections.command("ping")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def connections_ping(name: str, as_json: bool) -> None:
+    """Prove reach, authentication, permissions and API version; exit 1 when something fails."""
+    from shared.connections import ConnectionConfigError, ConnectionStore
+    from shared.vault import Vault, VaultError
+
+    async def go() -> Any:
+        async with _pool() as pool:
+            store = ConnectionStore(pool, Vault.from_settings(load_settings()))
+            connector = await store.open(name)
+            try:
+                return await connector.ping()
+            finally:
+                await connector.close()
+
+    try:
+        result = _run(go())
+    except (ConnectionConfigError, VaultError) as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(_json({"ok": result.ok, "checks": [c.__dict__ for c in result.checks]}))
+    else:
+        for check in result.checks:
+            click.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name:<12} {check.detail}")
+        click.echo(f"{name}: {'reachable and authorised' if result.ok else 'NOT OK'}")
+    sys.exit(0 if result.ok else 1)
+
+
+# -- flows --------------------------------------------------------------------------------------
+
+
+@main.group()
+def flows() -> None:
+    """Flows: apply files, list, enable, disable, resync, preview."""
+
+
+@flows.command("apply")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def flows_apply(files: tuple[str, ...]) -> None:
+    """Validate flow files and store them (a changed flow gets a new version)."""
+    from shared.flow_store import FlowStore
+    from shared.flows import FlowFileError, load_flow_file
+
+    parsed = []
+    errors = []
+    for path in files:
+        try:
+            parsed.append((path, load_flow_file(path)))
+        except FlowFileError as exc:
+            errors.append(str(exc))
+    if errors:
+        _fail("invalid flow file:\n" + "\n".join(errors), 2)
+
+    async def go() -> list[str]:
+        async with _pool() as pool:
+            known = {r["name"] for r in await pool.fetch("SELECT name FROM connections")}
+            out = []
+            for path, flow in parsed:
+                missing = [c for c in (flow.source, flow.target) if c not in known]
+                if missing:
+                    _fail(
+                        f"{path}: flow {flow.name!r}: connection(s) {', '.join(missing)} not"
+                        " found (ml-connector connections add ...)",
+                        2,
+                    )
+                version, what = await FlowStore(pool).apply(flow, file=str(path))
+                out.append(f"{flow.name} v{version} {what}")
+            return out
+
+    for line in _run(go()):
+        click.echo(line)
+
+
+@flows.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def flows_list(as_json: bool) -> None:
+    from shared.flow_store import FlowStore
+
+    async def go() -> list[dict[str, Any]]:
+        async with _pool() as pool:
+            return await FlowStore(pool).list()
+
+    rows = _run(go())
+    if as_json:
+        click.echo(_json(rows))
+        return
+    if not rows:
+        click.echo("(no flows: ml-connector flows apply flows/<name>.yaml)")
+    for r in rows:
+        state = "enabled " if r["enabled"] else "disabled"
+        click.echo(
+            f"{r['name']:<28} v{r['version']:<3} {state} {r['source_connection']} ->"
+            f" {r['target_connection']} every {r['poll_interval_s']} s"
+        )
+
+
+def _toggle(name: str, enabled: bool) -> None:
+    from shared.flow_store import FlowNotFoundError, FlowStore
+
+    async def go() -> None:
+        async with _pool() as pool:
+            await FlowStore(pool).set_enabled(name, enabled)
+
+    try:
+        _run(go())
+    except FlowNotFoundError as exc:
+        _fail(str(exc))
+    click.echo(f"flow {name} {'enabled' if enabled else 'disabled'}")
+
+
+@flows.command("enable")
+@click.argument("name")
+def flows_enable(name: str) -> None:
+    _toggle(name, True)
+
+
+@flows.command("disable")
+@click.argument("name")
+def flows_disable(name: str) -> None:
+    _toggle(name, False)
+
+
+@flows.command("resync")
+@click.argument("name")
+@click.option("--entity", help="only this source entity")
+def flows_resync(name: str, entity: str | None) -> None:
+    """Reset a flow's cursors: the next poll reads everything again (unchanged records are
+    skipped by the writer without an API call)."""
+    from shared.flow_store import FlowNotFoundError, FlowStore
+
+    async def go() -> int:
+        async with _pool() as pool:
+            return await FlowStore(pool).resync(name, entity)
+
+    try:
+        n = _run(go())
+    except FlowNotFoundError as exc:
+        _fail(str(exc))
+    click.echo(f"flow {name}: {n} cursor(s) reset; the next poll is a full read")
+
+
+@flows.command("preview")
+@click.argument("name")
+@click.option("-n", "--limit", default=5, show_default=True, help="records per entity")
+@click.option("--entity", help="only this entity mapping")
+@click.option("--json", "as_json", is_flag=True)
+def flows_preview(name: str, limit: int, entity: str | None, as_json: bool) -> None:
+    """Map the first N source records and show the payloads and what the writer would do.
+    Writes nothing."""
+    from services.ops.preview import preview
+
+    async def go() -> list[dict[str, Any]]:
+        async with _context() as ctx:
+            return await preview(ctx, name, limit, entity)
+
+    try:
+        rows = _run(go())
+    except LookupError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(_json(rows))
+        return
+    for row in rows:
+        click.echo(f"--- {row['entity']} {row['source_key']}: would {row['action']}")
+        if row.get("error"):
+            click.echo(f"    error: {row['error']}")
+        else:
+            click.echo("    " + json.dumps(row["payload"], default=str))
+
+
+# -- status and audit ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json: bool) -> None:
+    """Flows, cursors and lag; queues; writer rates. Exit 1 when something needs attention."""
+    from services.ops.status import collect, render
+
+    async def go() -> dict[str, Any]:
+        async with _context() as ctx:
+            return await collect(ctx.pool, ctx.bus)
+
+    result = _run(go())
+    click.echo(_json(result) if as_json else render(result))
+    sys.exit(0 if result["ok"] else 1)
+
+
+@main.command()
+@click.argument("record", required=False)
+@click.option("--failed", is_flag=True, help="failures instead of one record's lineage")
+@click.option("--since", default="1h", show_default=True, help="window for --failed")
+@click.option("--json", "as_json", is_flag=True)
+def audit(record: str | None, failed: bool, since: str, as_json: bool) -> None:
+    """A record's lineage (syspro:ArCustomer:C0001 or zoho_crm:Accounts:<id>), or failures."""
+    from services.ops.audit_query import failures, lineage, render
+
+    if not record and not failed:
+        _fail("give a RECORD (system:entity:key) or --failed", 2)
+
+    async def go() -> list[dict[str, Any]]:
+        async with _pool() as pool:
+            return await (failures(pool, since) if failed else lineage(pool, record or ""))
+
+    try:
+        rows = _run(go())
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        click.echo(_json(rows))
+    else:
+        click.echo(render(rows))
+    if record and not rows:
+        sys.exit(1)
+
+
+# -- dead letters -------------------------------------------------------------------------------
+
+
+def _since(value: str | None) -> datetime | None:
+    from shared.flows import parse_duration
+
+    if not value:
+        return None
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(value))
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            _fail(f"--since/--until takes a duration (1h) or an ISO time, not {value!r}", 2)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _dlq_filters(f: Any) -> Any:
+    for option in (
+        click.option("--queue", help="dead-letter queue name or part of it"),
+        click.option("--flow"),
+        click.option(
+            "--error-class", type=click.Choice(["throttled", "transient", "auth", "permanent"])
+        ),
+        click.option("--message-id"),
+        click.option("--since", help="failed within this window (1h) or after an ISO time"),
+        click.option("--until", help="failed before (duration ago or ISO time)"),
+        click.option("--limit", default=1000, show_default=True),
+    ):
+        f = option(f)
+    return f
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: list, show, replay, discard."""
+
+
+async def _with_letters(kwargs: dict[str, Any], action: Any) -> Any:
+    from services.ops.dlq import DeadLetterBrowser, Filters
+
+    filters = Filters(
+        queue=kwargs["queue"],
+        flow=kwargs["flow"],
+        error_class=kwargs["error_class"],
+        message_id=kwargs["message_id"],
+        since=_since(kwargs["since"]),
+        until=_since(kwargs["until"]),
+    )
+    async with _context() as ctx, DeadLetterBrowser(ctx.bus) as browser:
+        letters = await browser.read(filters, kwargs["limit"])
+        return await action(ctx, browser, letters)
+
+
+@dlq.command("list")
+@_dlq_filters
+@click.option("--json", "as_json", is_flag=True)
+def dlq_list(as_json: bool, **kwargs: Any) -> None:
+    async def action(ctx: Any, browser: Any, letters: list[Any]) -> list[dict[str, Any]]:
+        return [letter.summary() for letter in letters]
+
+    rows = _run(_with_letters(kwargs, action))
+    if as_json:
+        click.echo(_json(rows))
+        return
+    if not rows:
+        click.echo("no dead letters")
+        return
+    for r in rows:
+        click.echo(
+            f"{r['message_id'][:12]:<13} {r['queue']:<34} {r['error_class']:<10}"
+            f" attempts {r['attempts']}  {len(r['records'])} record(s)  {r['error']}"
+        )
+    click.echo(f"{len(rows)} dead letter(s)")
+
+
+@dlq.command("show")
+@click.argument("message_id")
+@click.option("--queue")
+def dlq_show(message_id: str, queue: str | None) -> None:
+    kwargs = dict(
+        queue=queue,
+        flow=None,
+        error_class=None,
+        message_id=message_id,
+        since=None,
+        until=None,
+        limit=100000,
+    )
+
+    async def action(ctx: Any, browser: Any, letters: list[Any]) -> list[dict[str, Any]]:
+        return [
+            {**letter.summary(), "headers": letter.headers, "body": json.loads(letter.message.body)}
+            for letter in letters
+        ]
+
+    rows = _run(_with_letters(kwargs, action))
+    if not rows:
+        _fail(f"no dead letter with message id {message_id}")
+    click.echo(_json(rows))
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = os.environ.get("USER", "unknown")
+    return f"operator:{user}"
+
+
+@dlq.command("replay")
+@_dlq_filters
+@click.option("--dry-run", is_flag=True, help="show what would be replayed")
+@click.option("--force", is_flag=True, help="replay even when the flow is disabled")
+def dlq_replay(dry_run: bool, force: bool, **kwargs: Any) -> None:
+    """Re-publish dead letters to their original exchange and routing key, with a fresh
+    attempt count, recording the replay in the audit trail."""
+    from services.ops.dlq import disabled_flows
+
+    async def action(ctx: Any, browser: Any, letters: list[Any]) -> tuple[int, list[str]]:
+        replayed, refused = 0, []
+        for letter in letters:
+            off = await disabled_flows(ctx.flows, letter)
+            if off and not force:
+                refused.append(f"{letter.message_id}: flow {', '.join(off)} is disabled")
+                continue
+            if dry_run:
+                click.echo(
+                    f"would replay {letter.message_id}"
+                    f" -> {letter.summary()['original_routing_key']}"
+                )
+            else:
+                await browser.replay(letter, audit=ctx.audit, actor=_operator())
+            replayed += 1
+        return replayed, refused
+
+    count, refused = _run(_with_letters(kwargs, action))
+    for line in refused:
+        click.echo(f"not replayed: {line} (enable it, or use --force)", err=True)
+    click.echo(f"{'would replay' if dry_run else 'replayed'} {count} dead letter(s)")
+    if refused:
+        sys.exit(1)
+
+
+@dlq.command("discard")
+@_dlq_filters
+@click.option("--dry-run", is_flag=True)
+@click.option("--yes", is_flag=True, help="do not ask")
+def dlq_discard(dry_run: bool, yes: bool, **kwargs: Any) -> None:
+    """Delete dead letters for good (recorded in the audit trail)."""
+    if not dry_run and not yes and sys.stdin.isatty():
+        click.confirm("discard the matching dead letters for good?", abort=True)
+
+    async def action(ctx: Any, browser: Any, letters: list[Any]) -> int:
+        for letter in letters:
+            if dry_run:
+                click.echo(f"would discard {letter.message_id} ({letter.queue})")
+            else:
+                await browser.discard(letter, audit=ctx.audit, actor=_operator())
+        return len(letters)
+
+    count = _run(_with_letters(kwargs, action))
+    click.echo(f"{'would discard' if dry_run else 'discarded'} {count} dead letter(s)")
+
+
+@main.command()
+@click.option("--short", is_flag=True, help="a quick run (tests, CI)")
+@click.option("--customers", type=int, default=None)
+@click.option("--invoices", type=int, default=None)
+@click.option("--duration", type=float, default=None, help="seconds of ERP changes")
+def demo(short: bool, customers: int | None, invoices: int | None, duration: float | None) -> None:
+    """Emulated ERP and CRM, every service, records flowing, a summary at the end."""
+    from services.demo import DemoOptions, run_demo
+
+    options = DemoOptions.for_mode(short, customers, invoices, duration)
+    code = asyncio.run(run_demo(load_settings(), options))
+    sys.exit(code)
