@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     http_connect_timeout_s: float = Field(10.0, gt=0)
     health_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     webhook_port: int = Field(8300, ge=0, le=65535)
+    webhook_bind: str = Field("127.0.0.1", description="address the webhook server listens on")
     webhook_public_url: str = "http://127.0.0.1:8300"
     replica: str = Field("", description="name of this replica in the audit trail")
 

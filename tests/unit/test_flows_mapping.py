@@ -1,0 +1,177 @@
+"""Flow files and the mapping engine."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from shared.failures import MappingError
+from shared.flows import FlowFileError, load_flow_file, parse_duration, parse_flow
+from shared.mapping import map_event, map_record
+from shared.messages import ChangeEvent
+
+ROOT = Path(__file__).resolve().parents[2]
+FLOW = load_flow_file(ROOT / "flows/syspro-zoho.yaml")
+
+CUSTOMER = {
+    "Customer": "C000123",
+    "Name": "  Acme Industrial (Pty) Ltd ",
+    "Telephone": "011 555 0100",
+    "SoldToAddr1": "12 Main Road",
+    "SoldToAddr2": "",
+    "SoldToAddr3": "Johannesburg",
+    "SoldToAddr4": "Gauteng",
+    "SoldToAddr5": "South Africa",
+    "SoldPostalCode": "2001",
+    "CreditLimit": 250000,
+    "Currency": "zar",
+    "TermsCode": "30",
+    "Contact": "Jane Doe",
+    "Email": "jane@acme.example",
+    "CustomerOnHold": "N",
+}
+INVOICE = {
+    "Customer": "C000123",
+    "Invoice": "100045",
+    "DocumentType": "I",
+    "InvoiceDate": "2026-10-01T00:00:00Z",
+    "TermsCode": "30",
+    "CurrencyValue": 1234.5,
+    "InvoiceBal1": 1234.5,
+    "SalesOrder": "SO1",
+    "CustomerPoNumber": "PO-9",
+}
+
+
+def test_shipped_flow_maps_a_customer() -> None:
+    payload, parents = map_record(FLOW, FLOW.entity("customers"), CUSTOMER, today=date(2026, 11, 1))
+    assert parents == []
+    assert payload["Account_Name"] == "Acme Industrial (Pty) Ltd"
+    assert payload["ERP_Customer_No"] == "C000123"
+    assert payload["Billing_Street"] == "12 Main Road"
+    assert payload["Credit_Limit"] == 250000.0
+    assert payload["Currency_Code"] == "ZAR"
+    assert payload["Payment_Terms"] == "Net 30"
+    assert payload["On_Hold"] is False
+
+
+@pytest.mark.parametrize(
+    ("balance", "today", "status", "stage", "overdue_days"),
+    [
+        (0, date(2026, 11, 20), "paid", "Closed Won", 0),
+        (100, date(2026, 10, 20), "open", "Proposal/Price Quote", 0),
+        (100, date(2026, 11, 20), "overdue", "Negotiation/Review", 20),
+    ],
+)
+def test_invoice_stage_from_payment_status(
+    balance: float, today: date, status: str, stage: str, overdue_days: int
+) -> None:
+    record = {**INVOICE, "InvoiceBal1": balance}
+    payload, parents = map_record(FLOW, FLOW.entity("invoices"), record, today=today)
+    assert payload["Closing_Date"] == "2026-10-31"  # due date from the terms table
+    assert payload["Payment_Status"] == status
+    assert payload["Stage"] == stage
+    assert payload["Days_Overdue"] == overdue_days
+    assert payload["ERP_Invoice_Key"] == "C000123|100045|I"
+    assert [(p.field, p.source_entity, p.source_key) for p in parents] == [
+        ("Account_Name", "ArCustomer", "C000123")
+    ]
+
+
+def test_unknown_terms_code_falls_back_to_default() -> None:
+    record = {**INVOICE, "TermsCode": "ZZ"}
+    payload, _ = map_record(FLOW, FLOW.entity("invoices"), record, today=date(2026, 10, 2))
+    assert payload["Closing_Date"] == "2026-10-31"
+
+
+def test_mapping_errors_name_flow_entity_and_field() -> None:
+    record = {**CUSTOMER, "Currency": "rand"}
+    with pytest.raises(
+        MappingError, match="flow 'syspro-zoho', entity 'customers', field 'Currency_Code'"
+    ):
+        map_record(FLOW, FLOW.entity("customers"), record, today=date(2026, 1, 1))
+    with pytest.raises(MappingError, match="'Account_Name': required value is empty"):
+        map_record(
+            FLOW, FLOW.entity("customers"), {**CUSTOMER, "Name": " "}, today=date(2026, 1, 1)
+        )
+    missing = dict(CUSTOMER)
+    del missing["Telephone"]
+    with pytest.raises(MappingError, match="source column 'Telephone' is missing"):
+        map_record(FLOW, FLOW.entity("customers"), missing, today=date(2026, 1, 1))
+    with pytest.raises(MappingError, match="not a number"):
+        map_record(
+            FLOW,
+            FLOW.entity("invoices"),
+            {**INVOICE, "CurrencyValue": "abc"},
+            today=date(2026, 1, 1),
+        )
+
+
+def test_map_event_carries_lineage_and_stable_hash() -> None:
+    event = ChangeEvent(
+        flow="syspro-zoho",
+        flow_version=3,
+        source_connection="syspro",
+        source_system="syspro",
+        entity="ArCustomer",
+        key="C000123",
+        version="h1",
+        observed_at=datetime(2026, 11, 1, tzinfo=UTC),
+        record=CUSTOMER,
+    )
+    one = map_event(FLOW, 3, event, target_connection="zoho", target_system="zoho_crm")
+    two = map_event(FLOW, 3, event, target_connection="zoho", target_system="zoho_crm")
+    assert one.transformation == "syspro-zoho/customers@v3"
+    assert one.event_id == event.event_id and one.source_ref == "syspro:ArCustomer:C000123"
+    assert one.payload_hash == two.payload_hash and one.command_id != two.command_id
+    changed = event.model_copy(update={"record": {**CUSTOMER, "Telephone": "011 000"}})
+    three = map_event(FLOW, 3, changed, target_connection="zoho", target_system="zoho_crm")
+    assert three.payload_hash != one.payload_hash
+
+
+def test_flow_file_errors_name_file_flow_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: demo\nsource: a\ntarget: b\nentities:\n"
+        "  - name: things\n    source: {entity: T, key: [K]}\n"
+        "    target: {entity: Accounts, match_on: [X]}\n"
+        "    fields:\n      X: {from: K, lookup: nope}\n"
+    )
+    with pytest.raises(FlowFileError) as info:
+        load_flow_file(bad)
+    text = str(info.value)
+    assert str(bad) in text and "flow 'demo'" in text
+    assert "entities[0] (things).fields.X: unknown lookup table 'nope'" in text
+
+    with pytest.raises(
+        FlowFileError, match=r"entities\[0\]\.fields\.X: Value error, give exactly one"
+    ):
+        parse_flow(
+            {
+                "name": "demo",
+                "source": "a",
+                "target": "b",
+                "entities": [
+                    {
+                        "name": "t",
+                        "source": {"entity": "T", "key": ["K"]},
+                        "target": {"entity": "A", "match_on": ["X"]},
+                        "fields": {"X": {"from": "K", "template": "{K}"}},
+                    }
+                ],
+            },
+            origin="inline.yaml",
+        )
+    (tmp_path / "y.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(FlowFileError, match="not valid YAML"):
+        load_flow_file(tmp_path / "y.yaml")
+
+
+def test_durations() -> None:
+    assert parse_duration("10m") == 600
+    assert parse_duration("45d") == 45 * 86400
+    assert parse_duration(30) == 30
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("ten minutes")
