@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -152,6 +153,13 @@ def classify(exc: BaseException) -> FailureClass:
     return FailureClass.PERMANENT
 
 
+_QUERY = re.compile(r"(https?://[^\s'\"?#]*)\?[^\s'\"]*")
+_USERINFO = re.compile(r"(https?://)[^/\s@'\"]+@")
+
+
 def describe(exc: BaseException) -> str:
+    """One line for logs, audit rows and dead-letter headers. URL query strings and user info
+    are cut, because some clients put credentials there (and aiohttp echoes whole URLs)."""
     text = str(exc) or exc.__class__.__name__
+    text = _USERINFO.sub(r"\1", _QUERY.sub(r"\1?…", text))
     return text[:2000]
