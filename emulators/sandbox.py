@@ -1,0 +1,174 @@
+"""A ready sandbox: the SYSPRO and Zoho CRM emulators on 127.0.0.1, the Zoho custom fields the
+shipped flows write, and the connections and flows registered in the database.
+
+Used by ``ml-connector demo``, the end-to-end tests and the benchmarks; never in production.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from emulators import syspro, zoho_crm
+from emulators.common import RunningEmulator
+from shared.connections import ConnectionStore
+from shared.flow_store import FlowStore
+from shared.flows import Flow, load_flow_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOWS_DIR = ROOT / "flows"
+
+SYSPRO_OPERATOR, SYSPRO_PASSWORD, SYSPRO_COMPANY = "ADMIN", "demo-operator-pw", "EDU1"
+
+# The custom fields of flows/syspro-zoho.yaml, as a Zoho administrator would create them.
+ZOHO_CUSTOM_FIELDS: dict[str, list[dict[str, Any]]] = {
+    "Accounts": [
+        {
+            "api_name": "ERP_Customer_No",
+            "data_type": "text",
+            "length": 30,
+            "unique": True,
+            "external": True,
+        },
+        {"api_name": "Credit_Limit", "data_type": "currency"},
+        {"api_name": "Currency_Code", "data_type": "text", "length": 3},
+        {"api_name": "Payment_Terms", "data_type": "text", "length": 50},
+        {"api_name": "ERP_Contact", "data_type": "text", "length": 100},
+        {"api_name": "Email", "data_type": "email"},
+        {"api_name": "On_Hold", "data_type": "boolean"},
+    ],
+    "Deals": [
+        {
+            "api_name": "ERP_Invoice_Key",
+            "data_type": "text",
+            "length": 60,
+            "unique": True,
+            "external": True,
+        },
+        {"api_name": "Invoice_Date", "data_type": "date"},
+        {"api_name": "Balance", "data_type": "currency"},
+        {"api_name": "Payment_Status", "data_type": "text", "length": 20},
+        {"api_name": "Days_Overdue", "data_type": "integer"},
+    ],
+}
+
+
+@dataclass
+class Sandbox:
+    syspro: RunningEmulator
+    zoho: RunningEmulator
+    _http: aiohttp.ClientSession | None = field(default=None, repr=False)
+
+    @classmethod
+    async def start(
+        cls,
+        *,
+        customers: int = 0,
+        invoices: int = 0,
+        seed: int = 1,
+        syspro_options: dict[str, Any] | None = None,
+        zoho_options: dict[str, Any] | None = None,
+        syspro_port: int = 0,
+        zoho_port: int = 0,
+    ) -> Sandbox:
+        s_opts = {
+            "operators": {SYSPRO_OPERATOR: SYSPRO_PASSWORD},
+            "company_id": SYSPRO_COMPANY,
+            "odata_users": {SYSPRO_OPERATOR: SYSPRO_PASSWORD},
+            "customers": customers,
+            "invoices": invoices,
+            "seed": seed,
+            **(syspro_options or {}),
+        }
+        sys_emulator = await RunningEmulator(syspro.create_app(**s_opts), syspro_port).start()
+        zoho_emulator = await RunningEmulator(
+            zoho_crm.create_app(**(zoho_options or {})), zoho_port
+        ).start()
+        box = cls(sys_emulator, zoho_emulator)
+        for module, fields in ZOHO_CUSTOM_FIELDS.items():
+            await box.control(
+                "zoho", "POST", "/_control/fields", {"module": module, "fields": fields}
+            )
+        return box
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        await self.syspro.stop()
+        await self.zoho.stop()
+
+    async def control(self, which: str, method: str, path: str, body: Any = None) -> Any:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+        base = self.syspro.url if which == "syspro" else self.zoho.url
+        async with self._http.request(method, base + path, json=body) as response:
+            payload = await response.json(content_type=None)
+            if response.status >= 400:
+                raise RuntimeError(f"{which} control {method} {path}: {response.status} {payload}")
+            return payload
+
+    # -- connections and flows ---------------------------------------------------------------
+
+    def syspro_connection(self) -> tuple[dict[str, Any], dict[str, str]]:
+        settings = {
+            "rest_url": f"{self.syspro.url}/SYSPROWCFService/Rest",
+            "odata_url": f"{self.syspro.url}/SYSPRO8Odata/SYSPROOData",
+            "operator": SYSPRO_OPERATOR,
+            "company_id": SYSPRO_COMPANY,
+            "page_size": 5000,
+        }
+        secrets = {"operator_password": SYSPRO_PASSWORD, "odata_password": SYSPRO_PASSWORD}
+        return settings, secrets
+
+    def zoho_connection(self) -> tuple[dict[str, Any], dict[str, str]]:
+        settings = {"accounts_url": self.zoho.url, "client_id": zoho_crm.DEFAULT_CLIENT_ID}
+        secrets = {
+            "client_secret": zoho_crm.DEFAULT_CLIENT_SECRET,
+            "refresh_token": zoho_crm.DEFAULT_REFRESH_TOKEN,
+        }
+        return settings, secrets
+
+    async def register(
+        self,
+        connections: ConnectionStore,
+        flows: FlowStore,
+        *,
+        flow_files: tuple[str, ...] = ("syspro-zoho.yaml",),
+        poll_interval: float | None = None,
+    ) -> list[Flow]:
+        settings, secrets = self.syspro_connection()
+        await connections.add("syspro", "syspro", settings, secrets, replace=True)
+        settings, secrets = self.zoho_connection()
+        await connections.add("zoho", "zoho_crm", settings, secrets, replace=True)
+        applied = []
+        for name in flow_files:
+            flow = load_flow_file(FLOWS_DIR / name)
+            if poll_interval is not None:
+                flow = flow.model_copy(update={"poll_interval": poll_interval})
+            await flows.apply(flow, file=str(FLOWS_DIR / name))
+            applied.append(flow)
+        return applied
+
+    # -- what landed ---------------------------------------------------------------------------
+
+    async def zoho_stats(self) -> dict[str, Any]:
+        return await self.control("zoho", "GET", "/_control/stats")
+
+    async def zoho_records(self, module: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = await self.control(
+                "zoho", "GET", f"/_control/records/{module}?limit=5000&offset={offset}"
+            )
+            rows = page["data"]
+            out.extend(rows)
+            if len(rows) < 5000:
+                return out
+            offset += len(rows)
+
+    async def syspro_rows(self, table: str) -> list[dict[str, Any]]:
+        return (await self.control("syspro", "GET", f"/_control/tables/{table}"))["rows"]
