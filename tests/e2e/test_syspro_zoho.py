@@ -1,0 +1,217 @@
+"""SYSPRO -> Zoho CRM end to end: emulators over HTTP, poller, mapper and writer, the real
+RabbitMQ and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+from tests.e2e.conftest import Pipeline, wait_until
+
+
+async def _landed(p: Pipeline, accounts: int, deals: int) -> bool:
+    return await p.zoho_count("Accounts") >= accounts and await p.zoho_count("Deals") >= deals
+
+
+async def _idle(p: Pipeline) -> bool:
+    """Every published record has an outcome (written, skipped or failed) in the audit."""
+    polled = await p.audit_count("polled")
+    done = await p.pool.fetchval(
+        "SELECT count(DISTINCT event_id) FROM audit_events"
+        " WHERE stage IN ('written', 'skipped') OR (stage = 'failed' AND error_class = 'permanent')"
+    )
+    return polled > 0 and done >= polled
+
+
+def _by(records: list[dict[str, Any]], field: str) -> dict[str, dict[str, Any]]:
+    return {r[field]: r for r in records}
+
+
+async def _check_links(p: Pipeline) -> None:
+    accounts = _by(await p.sandbox.zoho_records("Accounts"), "ERP_Customer_No")
+    deals = await p.sandbox.zoho_records("Deals")
+    for deal in deals:
+        customer = deal["ERP_Invoice_Key"].split("|")[0]
+        assert deal["Account_Name"]["id"] == accounts[customer]["id"], deal["ERP_Invoice_Key"]
+
+
+async def test_backfill_lands_once_linked_then_no_writes_then_update(pipeline_factory) -> None:
+    p: Pipeline = await pipeline_factory(customers=1000, invoices=3000)
+    started = time.monotonic()
+    p.start()
+    await wait_until(lambda: _landed(p, 1000, 3000), 180, "1,000 accounts and 3,000 deals")
+    elapsed = time.monotonic() - started
+    await wait_until(lambda: _idle(p), 60, "every record audited")
+    stats = await p.sandbox.zoho_stats()
+    print(
+        f"\n4,000 records in {elapsed:.1f} s = {4000 / elapsed:.0f} records/s end to end;"
+        f" Zoho write calls {stats['write_calls']} ({stats['write_calls'] / 4:.1f} per 1,000),"
+        f" credits {stats['credits_used']}, token grants {stats['tokens_issued']}"
+    )
+    assert await p.zoho_count("Accounts") == 1000
+    assert await p.zoho_count("Deals") == 3000
+    assert not any(stats["duplicates"].values()), stats["duplicates"]
+    assert stats["records_inserted"] == 4000
+    assert stats["write_calls"] <= 42  # 10 + 30 full batches of 100, small slack for timing
+    await _check_links(p)
+
+    # Two more polls with nothing changed: zero write calls.
+    polls_before = await p.pool.fetchval("SELECT max(last_poll_at) FROM cursors")
+    await wait_until(
+        lambda: p.pool.fetchval(
+            "SELECT min(last_poll_at) > $1 + interval '2 seconds' FROM cursors", polls_before
+        ),
+        30,
+        "two more polls",
+    )
+    assert (await p.sandbox.zoho_stats())["write_calls"] == stats["write_calls"]
+
+    # A changed customer is updated, not duplicated.
+    rows = await p.sandbox.syspro_rows("ArCustomer")
+    key = rows[17]["Customer"]
+    await p.sandbox.control(
+        "syspro", "PATCH", f"/_control/tables/ArCustomer/{key}", {"Telephone": "011 999 1234"}
+    )
+
+    async def updated() -> bool:
+        accounts = _by(await p.sandbox.zoho_records("Accounts"), "ERP_Customer_No")
+        return accounts[key.strip()]["Phone"] == "011 999 1234"
+
+    await wait_until(updated, 30, "the changed customer in Zoho")
+    after = await p.sandbox.zoho_stats()
+    assert after["records"]["Accounts"] == 1000
+    assert after["records_updated"] == 1
+    assert not any(after["duplicates"].values())
+    # the record's whole lineage is in the audit trail
+    stages = await p.pool.fetch(
+        "SELECT stage FROM audit_events WHERE source_ref = $1 ORDER BY at, id",
+        f"syspro:ArCustomer:{key.strip()}",
+    )
+    assert [r["stage"] for r in stages][-3:] == ["polled", "mapped", "written"]
+    await p.stop()
+
+
+async def test_invoice_before_its_customer_lands_linked(pipeline_factory) -> None:
+    p: Pipeline = await pipeline_factory(customers=5, invoices=0)
+    await p.sandbox.control(
+        "syspro",
+        "PUT",
+        "/_control/tables/ArInvoice",
+        {
+            "rows": [
+                {
+                    "Customer": "0999999",
+                    "Invoice": "700001",
+                    "DocumentType": "I",
+                    "InvoiceDate": "2026-11-01T00:00:00Z",
+                    "TermsCode": "30",
+                    "CurrencyValue": 500.0,
+                    "InvoiceBal1": 500.0,
+                }
+            ]
+        },
+    )
+    p.start()
+    await wait_until(
+        lambda: p.audit_count("failed", "failed"), 30, "the orphan invoice to wait for its parent"
+    )
+    assert await p.zoho_count("Deals") == 0
+    await p.sandbox.control(
+        "syspro",
+        "PUT",
+        "/_control/tables/ArCustomer",
+        {"rows": [{"Customer": "0999999", "Name": "Late Arrival Ltd", "Currency": "USD"}]},
+    )
+    await wait_until(lambda: _landed(p, 6, 1), 60, "the customer and then its invoice")
+    await _check_links(p)
+    await p.stop()
+
+
+async def test_expired_token_and_session_mid_run_lose_nothing(pipeline_factory) -> None:
+    p: Pipeline = await pipeline_factory(
+        customers=600, invoices=1200, zoho_options={"max_concurrency": 20}
+    )
+    await p.sandbox.control("zoho", "POST", "/_control/faults", {"latency_ms": 40})
+    p.start()
+    await wait_until(lambda: p.zoho_count("Accounts"), 60, "the first accounts")
+    await p.sandbox.control("zoho", "POST", "/_control/expire_tokens", {})
+    await p.sandbox.control("syspro", "POST", "/_control/expire_sessions", {})
+    await wait_until(lambda: _landed(p, 600, 1200), 120, "every record after the expiries")
+    stats = await p.sandbox.zoho_stats()
+    assert stats["tokens_issued"] >= 2
+    assert stats["records"] == {**stats["records"], "Accounts": 600, "Deals": 1200}
+    assert not any(stats["duplicates"].values())
+    syspro = await p.sandbox.control("syspro", "GET", "/_control/stats")
+    assert syspro["logons"] >= 1
+    await p.stop()
+
+
+async def test_throttling_5xx_and_an_invalid_record(pipeline_factory) -> None:
+    p: Pipeline = await pipeline_factory(customers=400, invoices=0)
+    rows = await p.sandbox.syspro_rows("ArCustomer")
+    bad = rows[123]["Customer"]
+    await p.sandbox.control(
+        "syspro", "PATCH", f"/_control/tables/ArCustomer/{bad}", {"Email": "not-an-e-mail"}
+    )
+    await p.sandbox.control(
+        "zoho", "POST", "/_control/faults", {"error_rate": 0.15, "throttle_rate": 0.15}
+    )
+    p.start()
+    await wait_until(lambda: _landed(p, 399, 0), 120, "399 valid accounts despite faults")
+    await p.sandbox.control(
+        "zoho", "POST", "/_control/faults", {"error_rate": 0, "throttle_rate": 0}
+    )
+    await wait_until(
+        lambda: p.pool.fetchval(
+            "SELECT count(*) FROM audit_events WHERE stage = 'failed' AND error_class = 'permanent'"
+            " AND source_ref = $1",
+            f"syspro:ArCustomer:{bad.strip()}",
+        ),
+        30,
+        "the invalid record dead-lettered",
+    )
+    from services.ops.dlq import DeadLetterBrowser, Filters
+    from services.runtime import topology_from
+    from shared.bus import Bus
+
+    bus = await Bus(p.settings.amqp_url.get_secret_value(), topology_from(p.settings)).connect()
+    try:
+        async with DeadLetterBrowser(bus) as browser:
+            letters = await browser.read(Filters())
+            assert len(letters) == 1
+            assert letters[0].records == [f"syspro:ArCustomer:{bad.strip()}"]
+            assert "INVALID_DATA" in letters[0].headers["x-mlc-error"]
+            assert letters[0].headers["x-mlc-error-class"] == "permanent"
+    finally:
+        await bus.close()
+    stats = await p.sandbox.zoho_stats()
+    assert stats["records"]["Accounts"] == 399
+    assert not any(stats["duplicates"].values())
+    assert stats["statuses"].get("429", 0) + stats["statuses"].get("500", 0) > 0
+    await p.stop()
+
+
+async def test_killing_the_writer_mid_batch_loses_and_duplicates_nothing(
+    pipeline_factory,
+) -> None:
+    p: Pipeline = await pipeline_factory(customers=800, invoices=800)
+    await p.sandbox.control("zoho", "POST", "/_control/faults", {"latency_ms": 300})
+    p.start("poller")
+    p.start("mapper")
+    writer = p.spawn("writer")
+    await wait_until(lambda: p.zoho_count("Accounts"), 60, "the writer to start writing")
+    await asyncio.sleep(0.5)  # mid-batch: calls take 300 ms
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    landed_at_kill = await p.zoho_count("Accounts") + await p.zoho_count("Deals")
+    assert landed_at_kill < 1600
+    await p.sandbox.control("zoho", "POST", "/_control/faults", {"latency_ms": 0})
+    p.spawn("writer")
+    await wait_until(lambda: _landed(p, 800, 800), 120, "every record after the restart")
+    stats = await p.sandbox.zoho_stats()
+    assert stats["records"]["Accounts"] == 800 and stats["records"]["Deals"] == 800
+    assert not any(stats["duplicates"].values())
+    await _check_links(p)
