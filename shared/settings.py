@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 from functools import lru_cache
+from typing import Annotated
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # A fixed development key: fine for the demo and tests, refused when MLC_ENV=production.
 DEV_MASTER_KEY = "ZGV2LW9ubHktbWFzdGVyLWtleS1ub3QtZm9yLXByb2Q="
@@ -26,14 +27,16 @@ class Settings(BaseSettings):
     rabbitmq_api_url: str = Field(
         "http://127.0.0.1:15672", description="management API, for unacked counts; '' for none"
     )
-    writer_targets: list[str] = Field(["zoho_crm", "salesforce", "acumatica", "sage300"])
+    writer_targets: Annotated[list[str], NoDecode] = Field(
+        ["zoho_crm", "salesforce", "acumatica", "sage300"]
+    )
     master_key: SecretStr = Field(SecretStr(DEV_MASTER_KEY), description="base64 32-byte key")
     master_key_id: str = Field("k1", description="id stored beside every ciphertext")
     old_master_keys: SecretStr = Field(
         SecretStr(""), description="'id:base64key,...' keys still accepted for decryption"
     )
     prefetch: int = Field(200, ge=1, le=2000)
-    retry_delays_s: list[int] = Field([5, 30, 120, 600, 1800])
+    retry_delays_s: Annotated[list[int], NoDecode] = Field([5, 30, 120, 600, 1800])
     log_level: str = "INFO"
     http_timeout_s: float = Field(60.0, gt=0)
     http_connect_timeout_s: float = Field(10.0, gt=0)
@@ -46,8 +49,13 @@ class Settings(BaseSettings):
     @field_validator("retry_delays_s", "writer_targets", mode="before")
     @classmethod
     def _split_delays(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip().startswith("["):
-            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
     @field_validator("env")
