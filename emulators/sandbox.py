@@ -56,10 +56,31 @@ ZOHO_CUSTOM_FIELDS: dict[str, list[dict[str, Any]]] = {
 }
 
 
+def syspro_sandbox_options(customers: int = 0, invoices: int = 0, seed: int = 1) -> dict[str, Any]:
+    return {
+        "operators": {SYSPRO_OPERATOR: SYSPRO_PASSWORD},
+        "company_id": SYSPRO_COMPANY,
+        "odata_users": {SYSPRO_OPERATOR: SYSPRO_PASSWORD},
+        "customers": customers,
+        "invoices": invoices,
+        "seed": seed,
+    }
+
+
+@dataclass
+class RemoteEmulator:
+    """An emulator running in another process (benchmarks): only its URL is known here."""
+
+    url: str
+
+    async def stop(self) -> None:
+        return None
+
+
 @dataclass
 class Sandbox:
-    syspro: RunningEmulator
-    zoho: RunningEmulator
+    syspro: RunningEmulator | RemoteEmulator
+    zoho: RunningEmulator | RemoteEmulator
     _http: aiohttp.ClientSession | None = field(default=None, repr=False)
 
     @classmethod
@@ -74,20 +95,22 @@ class Sandbox:
         syspro_port: int = 0,
         zoho_port: int = 0,
     ) -> Sandbox:
-        s_opts = {
-            "operators": {SYSPRO_OPERATOR: SYSPRO_PASSWORD},
-            "company_id": SYSPRO_COMPANY,
-            "odata_users": {SYSPRO_OPERATOR: SYSPRO_PASSWORD},
-            "customers": customers,
-            "invoices": invoices,
-            "seed": seed,
-            **(syspro_options or {}),
-        }
+        s_opts = {**syspro_sandbox_options(customers, invoices, seed), **(syspro_options or {})}
         sys_emulator = await RunningEmulator(syspro.create_app(**s_opts), syspro_port).start()
         zoho_emulator = await RunningEmulator(
             zoho_crm.create_app(**(zoho_options or {})), zoho_port
         ).start()
         box = cls(sys_emulator, zoho_emulator)
+        for module, fields in ZOHO_CUSTOM_FIELDS.items():
+            await box.control(
+                "zoho", "POST", "/_control/fields", {"module": module, "fields": fields}
+            )
+        return box
+
+    @classmethod
+    async def attach(cls, syspro_url: str, zoho_url: str) -> Sandbox:
+        """Use emulators served by other processes; creates the Zoho custom fields."""
+        box = cls(RemoteEmulator(syspro_url), RemoteEmulator(zoho_url))
         for module, fields in ZOHO_CUSTOM_FIELDS.items():
             await box.control(
                 "zoho", "POST", "/_control/fields", {"module": module, "fields": fields}
@@ -172,3 +195,28 @@ class Sandbox:
 
     async def syspro_rows(self, table: str) -> list[dict[str, Any]]:
         return (await self.control("syspro", "GET", f"/_control/tables/{table}"))["rows"]
+
+
+def main() -> None:
+    """``python -m emulators.sandbox syspro|zoho --port N [--json-options '{...}']``: serve one
+    emulator with the sandbox's credentials in its own process (benchmarks)."""
+    import argparse
+    import json
+
+    from aiohttp import web
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("system", choices=["syspro", "zoho"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--json-options", default="{}")
+    args = parser.parse_args()
+    extra = json.loads(args.json_options)
+    if args.system == "syspro":
+        app = syspro.create_app(**{**syspro_sandbox_options(), **extra})
+    else:
+        app = zoho_crm.create_app(**extra)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
