@@ -129,12 +129,12 @@ class Bench:
             ConnectionStore(self.pool, vault), FlowStore(self.pool), poll_interval=poll_interval
         )
 
-    def spawn(self, service: str, label: str | None = None) -> None:
+    def spawn(self, service: str, label: str | None = None, **env: str) -> None:
         label = label or service
         self.procs[label] = subprocess.Popen(
             [sys.executable, "-m", "services", "run", service, "--health-port", "0"],
             cwd=ROOT,
-            env=self.env(MLC_REPLICA=label),
+            env=self.env(MLC_REPLICA=label, **env),
         )
 
     def sample_memory(self) -> dict[str, float]:

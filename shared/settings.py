@@ -36,6 +36,8 @@ class Settings(BaseSettings):
         SecretStr(""), description="'id:base64key,...' keys still accepted for decryption"
     )
     prefetch: int = Field(200, ge=1, le=2000)
+    writer_concurrency: int = Field(4, ge=1, le=64, description="target calls in flight per writer")
+    writer_max_wait_s: float = Field(0.2, ge=0, le=60, description="wait to fill a batch")
     retry_delays_s: Annotated[list[int], NoDecode] = Field([5, 30, 120, 600, 1800])
     log_level: str = "INFO"
     http_timeout_s: float = Field(60.0, gt=0)

@@ -460,7 +460,10 @@ class Writer:
 
 
 async def run(ctx: ServiceContext, stop: asyncio.Event) -> None:
-    await Writer(ctx).run(stop)
+    settings = ctx.settings
+    await Writer(
+        ctx, concurrency=settings.writer_concurrency, max_wait_s=settings.writer_max_wait_s
+    ).run(stop)
 
 
 __all__ = ["Batcher", "Outcome", "Writer", "run"]
