@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from shared import metrics
-from shared.failures import TransientError
+from shared.failures import ConnectorError, PermanentError, TransientError
 
 USER_AGENT = "ml-connector/0.1"
 
@@ -65,3 +66,48 @@ class CallTimer:
         elapsed = time.perf_counter() - self.started
         metrics.API_CALLS.labels(self.connection, self.operation, str(status)).inc()
         metrics.API_LATENCY.labels(self.connection, self.operation).observe(elapsed)
+
+
+def transport_error(
+    exc: BaseException,
+    what: str,
+    url: URL,
+    *,
+    timeout_s: float,
+    scrub: Callable[[str], str] = lambda text: text,
+) -> ConnectorError:
+    """A network failure in plain words, naming host and port only (some URLs carry secrets in
+    their query, and aiohttp puts the whole URL into some messages)."""
+    where = f"{url.host}:{url.port}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return PermanentError(
+            f"{what}: the TLS certificate of {where} is not trusted"
+            f" ({scrub(str(exc.certificate_error))[:200]}); install the issuing CA"
+            " or use the host name the certificate was issued for",
+            code="TLS_CERTIFICATE",
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return PermanentError(
+            f"{what}: the TLS handshake with {where} failed; is it an https port?",
+            code="TLS_HANDSHAKE",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return TransientError(
+            f"{what}: the host name {url.host!r} cannot be resolved (DNS); check the URL",
+            code="DNS",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        hint = ""
+        if isinstance(exc.os_error, ConnectionRefusedError) or "refused" in reason.lower():
+            hint = ": nothing listens on that port, or a firewall rejects the connection"
+        return TransientError(f"{what}: cannot connect to {where} ({reason}){hint}", code="CONNECT")
+    if isinstance(exc, TimeoutError):
+        return TransientError(
+            f"{what}: no answer from {where} within {timeout_s:g}s", code="TIMEOUT"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return TransientError(f"{what}: {where} closed the connection mid-answer", code="RESET")
+    return TransientError(
+        f"{what}: network error talking to {where} ({type(exc).__name__})", code="NETWORK"
+    )

@@ -51,7 +51,7 @@ from shared.failures import (
     http_error,
     parse_retry_after,
 )
-from shared.http import CallTimer, client_session, parse_json
+from shared.http import CallTimer, client_session, parse_json, transport_error
 from shared.ratelimit import RateLimiter
 from shared.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
 from shared.tokens import Token, TokenCache, TokenManager
@@ -437,44 +437,7 @@ class SysproConnector:
         return text
 
     def _transport_error(self, exc: BaseException, what: str, url: URL) -> ConnectorError:
-        """A network failure in plain words, naming host and port only (e.net URLs carry the
-        password in their query, and aiohttp puts the whole URL into some messages)."""
-        where = f"{url.host}:{url.port}"
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            return PermanentError(
-                f"{what}: the TLS certificate of {where} is not trusted"
-                f" ({self._scrub(str(exc.certificate_error))[:200]}); install the issuing CA"
-                " or use the host name the certificate was issued for",
-                code="TLS_CERTIFICATE",
-            )
-        if isinstance(exc, aiohttp.ClientSSLError):
-            return PermanentError(
-                f"{what}: the TLS handshake with {where} failed; is it an https port?",
-                code="TLS_HANDSHAKE",
-            )
-        if isinstance(exc, aiohttp.ClientConnectorDNSError):
-            return TransientError(
-                f"{what}: the host name {url.host!r} cannot be resolved (DNS); check the URL",
-                code="DNS",
-            )
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            reason = exc.os_error.strerror or type(exc.os_error).__name__
-            hint = ""
-            if isinstance(exc.os_error, ConnectionRefusedError) or "refused" in reason.lower():
-                hint = ": nothing listens on that port, or a firewall rejects the connection"
-            return TransientError(
-                f"{what}: cannot connect to {where} ({reason}){hint}", code="CONNECT"
-            )
-        if isinstance(exc, TimeoutError):
-            return TransientError(
-                f"{what}: no answer from {where} within {self.settings.timeout_s:g}s",
-                code="TIMEOUT",
-            )
-        if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-            return TransientError(f"{what}: {where} closed the connection mid-answer", code="RESET")
-        return TransientError(
-            f"{what}: network error talking to {where} ({type(exc).__name__})", code="NETWORK"
-        )
+        return transport_error(exc, what, url, timeout_s=self.settings.timeout_s, scrub=self._scrub)
 
     async def _get(
         self,
