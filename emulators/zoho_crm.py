@@ -132,7 +132,7 @@ DEFAULT_LENGTHS = {
 }
 
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-PHONE_RE = re.compile(r"^\+?[0-9][0-9\s().\-/]*((\s*(x|ext\.?)\s*)[0-9]+)?$", re.IGNORECASE)
+PHONE_RE = re.compile(r"^\+?[0-9(][0-9\s().\-/]*((\s*(x|ext\.?)\s*)[0-9]+)?$", re.IGNORECASE)
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 ID_SEGMENT_RE = re.compile(r"^\d{6,}$")
 

@@ -41,6 +41,15 @@ async def wait_until(
     raise AssertionError(f"timed out after {within} s waiting for {what} (last: {last!r})")
 
 
+async def dump_audit(pool: asyncpg.Pool, limit: int = 60) -> str:
+    rows = await pool.fetch(
+        "SELECT stage, status, source_ref, error_class, error, actor FROM audit_events"
+        " ORDER BY id DESC LIMIT $1",
+        limit,
+    )
+    return "\n".join(str(dict(r)) for r in reversed(rows))
+
+
 @dataclass
 class Pipeline:
     settings: Settings

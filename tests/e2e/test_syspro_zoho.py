@@ -9,7 +9,7 @@ import signal
 import time
 from typing import Any
 
-from tests.e2e.conftest import Pipeline, wait_until
+from tests.e2e.conftest import Pipeline, dump_audit, wait_until
 
 
 async def _landed(p: Pipeline, accounts: int, deals: int) -> bool:
@@ -125,7 +125,11 @@ async def test_invoice_before_its_customer_lands_linked(pipeline_factory) -> Non
         "/_control/tables/ArCustomer",
         {"rows": [{"Customer": "0999999", "Name": "Late Arrival Ltd", "Currency": "USD"}]},
     )
-    await wait_until(lambda: _landed(p, 6, 1), 60, "the customer and then its invoice")
+    try:
+        await wait_until(lambda: _landed(p, 6, 1), 60, "the customer and then its invoice")
+    except AssertionError:
+        print(await dump_audit(p.pool))
+        raise
     await _check_links(p)
     await p.stop()
 
