@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from bench.harness import Bench
-from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, Sandbox
+from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, Sandbox, duplicate_creates
 from shared.connections import StoredConnection, build_connector
 from shared.connectors.base import Sink, Source
 from shared.flows import load_flow_file
@@ -141,7 +141,7 @@ async def main() -> None:
             f" {stats['write_calls'] / minimum:.3f}x), {stats['write_calls'] / total * 1000:.2f}"
             f" per 1,000 records; credits {stats['credits_used']}"
             f" ({stats['credits_used'] / total * 1000:.1f} per 1,000); token grants"
-            f" {stats['tokens_issued']}; duplicates {sum(stats['duplicates'].values())}"
+            f" {stats['tokens_issued']}; duplicates {duplicate_creates(stats)}"
         )
         print(
             f"  latency poll -> write: p50 {result['latency']['p50']:.2f} s,"

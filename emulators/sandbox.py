@@ -67,6 +67,15 @@ def syspro_sandbox_options(customers: int = 0, invoices: int = 0, seed: int = 1)
     }
 
 
+MATCH_FIELDS = {"Accounts": "ERP_Customer_No", "Deals": "ERP_Invoice_Key"}
+
+
+def duplicate_creates(stats: dict[str, Any]) -> int:
+    """Records the integration created twice: sharing a value of a flow's match field."""
+    by_field = stats.get("duplicates_by_field", {})
+    return sum(int(by_field.get(m, {}).get(f, 0)) for m, f in MATCH_FIELDS.items())
+
+
 @dataclass
 class RemoteEmulator:
     """An emulator running in another process (benchmarks): only its URL is known here."""

@@ -980,6 +980,15 @@ class ModuleStore:
                 dup_ids.update(ordered[1:])
         return len(dup_ids)
 
+    def duplicates_by_field(self) -> dict[str, int]:
+        """Per tracked field: records sharing its value with an earlier record. A shared system
+        duplicate field (two customers named alike) is normal; a shared unique match field is
+        a duplicate the integration created."""
+        out: dict[str, int] = {}
+        for name, groups in self.multi.items():
+            out[str(name)] = sum(len(ids) - 1 for ids in groups.values() if len(ids) > 1)
+        return out
+
     def query(
         self,
         sort_by: str,
@@ -1523,6 +1532,9 @@ class ZohoCrmEmulator:
             "records_deleted": self.counters["records_deleted"],
             "record_errors": dict(self.record_errors),
             "duplicates": {name: store.duplicates() for name, store in self.stores.items()},
+            "duplicates_by_field": {
+                name: store.duplicates_by_field() for name, store in self.stores.items()
+            },
             "records": {name: len(store.records) for name, store in self.stores.items()},
             "peak_concurrency": self.peak_concurrency,
             "peak_sub_concurrency": self.peak_sub_concurrency,

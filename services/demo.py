@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from emulators.sandbox import Sandbox
+from emulators.sandbox import Sandbox, duplicate_creates
 from services.cli import run_services
 from shared import db
 from shared.bus import Bus
@@ -222,7 +222,7 @@ async def _summary(
     customers = len(await box.syspro_rows("ArCustomer"))
     invoices = len(await box.syspro_rows("ArInvoice"))
     _, dead = await _queue_ready(bus)
-    duplicates = sum(stats["duplicates"].values())
+    duplicates = duplicate_creates(stats)
     expected = options.customers + options.invoices
     ok = (
         zoho.get("Accounts", 0) == customers
