@@ -170,8 +170,10 @@ class Sandbox:
         *,
         flow_files: tuple[str, ...] = ("syspro-zoho.yaml",),
         poll_interval: float | None = None,
+        syspro_settings: dict[str, Any] | None = None,
     ) -> list[Flow]:
         settings, secrets = self.syspro_connection()
+        settings.update(syspro_settings or {})
         await connections.add("syspro", "syspro", settings, secrets, replace=True)
         settings, secrets = self.zoho_connection()
         await connections.add("zoho", "zoho_crm", settings, secrets, replace=True)

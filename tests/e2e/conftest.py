@@ -125,7 +125,12 @@ async def pipeline_factory(
     made: list[Pipeline] = []
 
     async def make(
-        *, customers: int = 0, invoices: int = 0, poll_interval: float = 2.0, **sandbox: Any
+        *,
+        customers: int = 0,
+        invoices: int = 0,
+        poll_interval: float = 2.0,
+        syspro_settings: dict[str, Any] | None = None,
+        **sandbox: Any,
     ) -> Pipeline:
         settings = Settings(
             amqp_url=services["amqp_url"],
@@ -139,7 +144,10 @@ async def pipeline_factory(
         box = await Sandbox.start(customers=customers, invoices=invoices, **sandbox)
         vault = Vault.from_settings(settings)
         await box.register(
-            ConnectionStore(clean_db, vault), FlowStore(clean_db), poll_interval=poll_interval
+            ConnectionStore(clean_db, vault),
+            FlowStore(clean_db),
+            poll_interval=poll_interval,
+            syspro_settings=syspro_settings,
         )
         pipeline = Pipeline(settings, clean_db, box)
         made.append(pipeline)

@@ -137,8 +137,12 @@ async def test_invoice_before_its_customer_lands_linked(pipeline_factory) -> Non
 
 
 async def test_expired_token_and_session_mid_run_lose_nothing(pipeline_factory) -> None:
+    # Read through e.net business objects (COMFND) so that the SYSPRO session is in play.
     p: Pipeline = await pipeline_factory(
-        customers=600, invoices=1200, zoho_options={"max_concurrency": 20}
+        customers=600,
+        invoices=1200,
+        zoho_options={"max_concurrency": 20},
+        syspro_settings={"read_via": "enet", "page_size": 200},
     )
     await p.sandbox.control("zoho", "POST", "/_control/faults", {"latency_ms": 40})
     p.start()
@@ -151,7 +155,8 @@ async def test_expired_token_and_session_mid_run_lose_nothing(pipeline_factory) 
     assert stats["records"] == {**stats["records"], "Accounts": 600, "Deals": 1200}
     assert duplicate_creates(stats) == 0
     syspro = await p.sandbox.control("syspro", "GET", "/_control/stats")
-    assert syspro["logons"] >= 1
+    assert syspro["logons"] >= 2  # the first logon, and the one after the expiry
+    assert syspro["sessions_expired"] + syspro["invalid_session_calls"] >= 1
     await p.stop()
 
 
