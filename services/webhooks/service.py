@@ -45,8 +45,11 @@ class WebhookServer:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/webhooks/zoho/{connection}", self.zoho)
-        app.router.add_get("/healthz", lambda _: web.json_response({"status": "ok"}))
+        app.router.add_get("/healthz", self.healthz)
         return app
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "received": self.received})
 
     async def zoho(self, request: web.Request) -> web.Response:
         connection = request.match_info["connection"]
