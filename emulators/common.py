@@ -5,7 +5,7 @@ benchmarks and the demo steer it through a control API under ``/_control``:
 
 - ``GET  /_control/stats``   calls by route and status, plus emulator-specific counters
 - ``POST /_control/faults``  ``{"latency_ms": 0, "error_rate": 0.0, "throttle_rate": 0.0,
-  "fail_next": 0, "throttle_next": 0, "max_concurrency": null}``
+  "fail_next": 0, "throttle_next": 0, "max_concurrency": null, "path_prefix": null}``
 - ``POST /_control/reset``   forget all data, counters and faults
 
 The control routes are never faulted, counted or delayed.
@@ -38,6 +38,7 @@ class Faults:
     fail_next: int = 0
     throttle_next: int = 0
     max_concurrency: int | None = None
+    path_prefix: str | None = None  # inject faults only on paths that start with this
 
     def update(self, values: dict[str, Any]) -> None:
         for name, value in values.items():
@@ -92,7 +93,9 @@ def fault_middleware(
             if faults.latency_ms:
                 await asyncio.sleep(faults.latency_ms / 1000)
             kind = None
-            if faults.throttle_next > 0:
+            if faults.path_prefix and not request.path.startswith(faults.path_prefix):
+                pass
+            elif faults.throttle_next > 0:
                 faults.throttle_next -= 1
                 kind = "throttle"
             elif faults.fail_next > 0:

@@ -171,10 +171,21 @@ async def test_throttling_5xx_and_an_invalid_record(pipeline_factory) -> None:
         "zoho",
         "POST",
         "/_control/faults",
-        {"throttle_next": 2, "fail_next": 2, "error_rate": 0.1, "throttle_rate": 0.1},
+        {
+            "throttle_next": 2,
+            "fail_next": 2,
+            "error_rate": 0.1,
+            "throttle_rate": 0.1,
+            "path_prefix": "/crm/",  # the API host; the accounts server is another host
+        },
     )
     p.start()
-    await wait_until(lambda: _landed(p, 399, 0), 120, "399 valid accounts despite faults")
+    try:
+        await wait_until(lambda: _landed(p, 399, 0), 120, "399 valid accounts despite faults")
+    except AssertionError:
+        print(await dump_audit(p.pool, 30))
+        print(await p.sandbox.zoho_stats())
+        raise
     await p.sandbox.control(
         "zoho", "POST", "/_control/faults", {"error_rate": 0, "throttle_rate": 0}
     )
