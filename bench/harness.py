@@ -47,11 +47,35 @@ def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def cpu_of_command(fragment: str) -> float:
+    """CPU seconds of every process whose command line contains ``fragment`` (broker, db)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+        except OSError:
+            continue
+        if fragment in cmd:
+            total += cpu_seconds(int(entry.name))
+    return total
+
+
 @dataclass
 class Bench:
     name: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:6]}")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     peaks: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     box: Sandbox | None = None
     pool: asyncpg.Pool | None = None
@@ -139,6 +163,9 @@ class Bench:
 
     def sample_memory(self) -> dict[str, float]:
         now = {label: rss_mb(p.pid) for label, p in self.procs.items() if p.poll() is None}
+        for label, p in self.procs.items():
+            if p.poll() is None:
+                self.cpu[label] = cpu_seconds(p.pid)
         for label, value in now.items():
             self.peaks[label] = max(self.peaks.get(label, 0.0), value)
         self.samples.append((time.monotonic(), now))

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from bench.harness import Bench
+from bench.harness import Bench, cpu_of_command
 from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, Sandbox, duplicate_creates
 from shared.connections import StoredConnection, build_connector
 from shared.connectors.base import Sink, Source
@@ -28,6 +28,7 @@ from shared.mapping import map_record
 
 async def run_pipeline(bench: Bench, total: int, writers: int) -> dict[str, Any]:
     assert bench.box is not None
+    broker0, db0 = cpu_of_command("beam.smp"), cpu_of_command("postgres")
     started = time.monotonic()
     bench.spawn("poller")
     bench.spawn("mapper")
@@ -52,6 +53,8 @@ async def run_pipeline(bench: Bench, total: int, writers: int) -> dict[str, Any]
         if dead:
             raise SystemExit(f"process(es) exited: {dead}")
     elapsed = time.monotonic() - started
+    bench.cpu["rabbitmq"] = cpu_of_command("beam.smp") - broker0
+    bench.cpu["postgres"] = cpu_of_command("postgres") - db0
     stats = await bench.box.zoho_stats()
     latency = await bench.latency()
     bench.stop_services()
@@ -148,6 +151,10 @@ async def main() -> None:
             f" p99 {result['latency']['p99']:.2f} s"
         )
         print("  peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(bench.peaks.items())))
+        print(
+            "  CPU seconds during the run: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(bench.cpu.items()))
+        )
         if not args.no_baseline:
             base = await run_baseline(box)
             base_rate = total / base["elapsed"]

@@ -137,6 +137,11 @@ class FieldSpec(Strict):
             )
         if self.parent is not None and not self.key:
             raise ValueError("a parent reference needs 'key' (a template of the parent's key)")
+        # Arguments of a computed value are field specs themselves (a column name, or a spec):
+        # parsed once here, not per record.
+        for name, arg in list(self.args.items()):
+            if isinstance(arg, dict | str):
+                self.args[name] = FieldSpec.model_validate(arg)
         return self
 
 

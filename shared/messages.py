@@ -106,8 +106,21 @@ class UpsertCommand(Message):
 
     def model_post_init(self, _: Any) -> None:
         if not self.payload_hash:
-            parents = [p.model_dump() for p in self.parents]
-            self.payload_hash = content_hash({"payload": self.payload, "parents": parents})
+            self.payload_hash = self.hash_of(self.payload, self.parents)
+
+    @staticmethod
+    def hash_of(payload: dict[str, Any], parents: list[ParentRef]) -> str:
+        refs = [(p.field, p.flow, p.source_entity, p.source_key) for p in parents]
+        return content_hash({"payload": payload, "parents": refs})
+
+    @classmethod
+    def build(cls, **values: Any) -> UpsertCommand:
+        """A command from trusted, already validated values, without re-validation."""
+        values.setdefault("command_id", new_id())
+        values.setdefault("schema_version", SCHEMA_VERSION)
+        values.setdefault("parents", [])
+        values.setdefault("payload_hash", cls.hash_of(values["payload"], values["parents"]))
+        return cls.model_construct(**values)
 
     @property
     def source_ref(self) -> str:

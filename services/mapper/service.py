@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class Mapper:
-    def __init__(self, ctx: ServiceContext, *, prefetch: int = 50) -> None:
+    def __init__(self, ctx: ServiceContext, *, prefetch: int = 10) -> None:
         self.ctx = ctx
         self.prefetch = prefetch
 
