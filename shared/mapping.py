@@ -8,10 +8,10 @@ Anything that cannot be mapped raises ``MappingError`` naming the flow, entity a
 from __future__ import annotations
 
 import string
-from functools import lru_cache
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
 from shared.failures import MappingError
