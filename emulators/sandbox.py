@@ -171,6 +171,7 @@ class Sandbox:
         flow_files: tuple[str, ...] = ("syspro-zoho.yaml",),
         poll_interval: float | None = None,
         syspro_settings: dict[str, Any] | None = None,
+        full_every: float | None = None,
     ) -> list[Flow]:
         settings, secrets = self.syspro_connection()
         settings.update(syspro_settings or {})
@@ -182,6 +183,10 @@ class Sandbox:
             flow = load_flow_file(FLOWS_DIR / name)
             if poll_interval is not None:
                 flow = flow.model_copy(update={"poll_interval": poll_interval})
+            if full_every is not None:
+                for entity in flow.entities:
+                    if entity.source.change_detection.mode == "column":
+                        entity.source.change_detection.full_every = full_every
             await flows.apply(flow, file=str(FLOWS_DIR / name))
             applied.append(flow)
         return applied

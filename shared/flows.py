@@ -53,6 +53,9 @@ class ChangeDetection(Strict):
     mode: Literal["column", "snapshot"] = "snapshot"
     field: str | None = None
     overlap: Duration = 0.0
+    # Column mode only: also read everything this often and compare content hashes, to catch
+    # changes that do not move the column (a payment on an old invoice). 0: never.
+    full_every: Duration = 0.0
     field_type: Literal["datetime", "date", "string", "number"] = "datetime"
 
     @model_validator(mode="before")

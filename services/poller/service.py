@@ -30,7 +30,7 @@ from shared.messages import ChangeBatch, ChangeEvent, NoticeBatch, content_hash,
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 300
+LEASE_S = 30  # renewed every LEASE_S / 3 while a poll runs; a dead poller's lease lapses
 PUBLISH_BATCH = 500  # events per bus message
 
 
@@ -94,8 +94,15 @@ class Poller:
             float(LEASE_S),
         )
 
+    async def _heartbeat(self, flow: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_S / 3)
+            with contextlib.suppress(Exception):
+                await self.renew_lease(flow)
+
     async def _poll_and_release(self, name: str) -> None:
         interval = 60.0
+        heartbeat = asyncio.create_task(self._heartbeat(name))
         try:
             stored = await self.ctx.flows.get(name)
             interval = stored.flow.poll_interval
@@ -104,6 +111,7 @@ class Poller:
         except Exception:
             log.exception("poll of flow %s failed", name, extra={"flow": name})
         finally:
+            heartbeat.cancel()
             self._running.pop(name, None)
             with contextlib.suppress(Exception):
                 await self.ctx.pool.execute(
@@ -135,14 +143,18 @@ class Poller:
     ) -> int:
         stream = entity.stream(self.page_size)
         detection = entity.source.change_detection
-        cursor = await self.ctx.pool.fetchval(
-            "SELECT value FROM cursors WHERE flow = $1 AND entity = $2",
+        row = await self.ctx.pool.fetchrow(
+            "SELECT value, last_full_at FROM cursors WHERE flow = $1 AND entity = $2",
             flow.name,
             stream.entity,
         )
-        since = (
-            widen(cursor, detection.overlap, detection.field_type) if stream.change_field else None
-        )
+        cursor = row["value"] if row else None
+        last_full = row["last_full_at"] if row else None
+        full = stream.change_field is None or cursor is None
+        if detection.full_every and not full:
+            age = (utcnow() - last_full).total_seconds() if last_full else None
+            full = age is None or age >= detection.full_every
+        since = None if full else widen(cursor, detection.overlap, detection.field_type)
         day = date.today() if is_time_dependent(entity) else None
         high_water = cursor
         published = 0
@@ -157,6 +169,13 @@ class Poller:
             await self.renew_lease(flow.name)
         value = high_water if stream.change_field else started.isoformat()
         await self._record_poll(flow.name, stream.entity, "ok", published, None, value)
+        if full:
+            await self.ctx.pool.execute(
+                "UPDATE cursors SET last_full_at = $3 WHERE flow = $1 AND entity = $2",
+                flow.name,
+                stream.entity,
+                started,
+            )
         log.info(
             "polled %s %s: %d changed",
             flow.name,

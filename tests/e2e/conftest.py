@@ -70,7 +70,7 @@ class Pipeline:
             "MLC_WRITER_TARGETS": ",".join(s.writer_targets),
             "MLC_RABBITMQ_API_URL": "",
             "MLC_WEBHOOK_PORT": "0",
-            "MLC_LOG_LEVEL": "WARNING",
+            "MLC_LOG_LEVEL": "INFO",
         }
 
     def start(self, service: str = "all") -> None:
@@ -84,14 +84,17 @@ class Pipeline:
         await asyncio.wait_for(task, 60)
 
     def spawn(self, service: str) -> subprocess.Popen[bytes]:
-        """The service as its own OS process (``ml-connector run SERVICE``)."""
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services", "run", service, "--health-port", "0"],
-            env=self.env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        """The service as its own OS process (``ml-connector run SERVICE``); its log goes to
+        a file (a pipe nobody reads would block it once full)."""
+        log_path = Path(f"/tmp/mlc-{self.settings.bus_prefix}-{service}.log")
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services", "run", service, "--health-port", "0"],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         self._procs[service] = proc
         return proc
 
@@ -130,13 +133,15 @@ async def pipeline_factory(
         invoices: int = 0,
         poll_interval: float = 2.0,
         syspro_settings: dict[str, Any] | None = None,
+        full_every: float | None = None,
+        retry_delays_s: tuple[int, ...] = (1, 2, 3),
         **sandbox: Any,
     ) -> Pipeline:
         settings = Settings(
             amqp_url=services["amqp_url"],
             database_url=database_url,
             bus_prefix=bus_prefix,
-            retry_delays_s=[1, 2, 3],
+            retry_delays_s=list(retry_delays_s),
             writer_targets=["zoho_crm"],
             rabbitmq_api_url="",
             webhook_port=0,
@@ -148,6 +153,7 @@ async def pipeline_factory(
             FlowStore(clean_db),
             poll_interval=poll_interval,
             syspro_settings=syspro_settings,
+            full_every=full_every,
         )
         pipeline = Pipeline(settings, clean_db, box)
         made.append(pipeline)
