@@ -39,6 +39,11 @@ class Faults:
     throttle_next: int = 0
     max_concurrency: int | None = None
     path_prefix: str | None = None  # inject faults only on paths that start with this
+    # The next N answers are malformed: "truncated" (the real answer cut in half, after the
+    # request took effect), "html" (a proxy's HTML page with status 200), "wrong_types"
+    # (JSON of the wrong shape with status 200).
+    malformed_next: int = 0
+    malformed_kind: str = "truncated"
 
     def update(self, values: dict[str, Any]) -> None:
         for name, value in values.items():
@@ -105,7 +110,14 @@ def fault_middleware(
                 kind = "throttle"
             elif faults.error_rate and rng.random() < faults.error_rate:
                 kind = "error"
-            if kind is not None:
+            if (
+                kind is None
+                and faults.malformed_next > 0
+                and not (faults.path_prefix and not request.path.startswith(faults.path_prefix))
+            ):
+                faults.malformed_next -= 1
+                response = await _malformed(request, handler, faults.malformed_kind)
+            elif kind is not None:
                 response = responder(request, kind)
             else:
                 try:
@@ -119,6 +131,22 @@ def fault_middleware(
             stats.in_flight -= 1
 
     return middleware
+
+
+async def _malformed(request: web.Request, handler: Handler, kind: str) -> web.StreamResponse:
+    if kind == "html":
+        return web.Response(
+            status=200,
+            content_type="text/html",
+            text="<html><body><h1>Service temporarily unavailable</h1></body></html>",
+        )
+    if kind == "wrong_types":
+        return web.json_response({"data": "unexpected", "value": 42, "info": []})
+    real = await handler(request)
+    body = real.body if isinstance(real, web.Response) and isinstance(real.body, bytes) else b"{"
+    return web.Response(
+        status=real.status, body=body[: max(1, len(body) // 2)], content_type="application/json"
+    )
 
 
 def add_common_control_routes(

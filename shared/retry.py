@@ -6,6 +6,7 @@ what still fails goes back to the caller, which hands it to the bus's delayed re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,10 +19,11 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from shared.failures import ConnectorError, FailureClass, classify
+from shared.failures import ConnectorError, FailureClass, classify, describe
 from shared.ratelimit import RateLimiter
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,14 @@ async def call_with_retries(
     async def before_sleep(state: RetryCallState) -> None:
         nonlocal auth_refreshed
         exc = state.outcome.exception() if state.outcome else None
+        if exc is not None:
+            log.warning(
+                "attempt %d failed (%s): %s; trying again",
+                state.attempt_number,
+                classify(exc),
+                describe(exc),
+                extra={"connection": limiter.connection if limiter else None},
+            )
         if exc is not None and classify(exc) is FailureClass.AUTH and refresh_auth is not None:
             auth_refreshed = True
             await refresh_auth()

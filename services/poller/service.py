@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LEASE_S = 30  # renewed every LEASE_S / 3 while a poll runs; a dead poller's lease lapses
 PUBLISH_BATCH = 500  # events per bus message
+ANALYZE_EVERY = 20_000  # new snapshot rows between two ANALYZE runs
 
 
 class Poller:
@@ -48,6 +49,7 @@ class Poller:
         self.publish_batch = publish_batch
         self.page_size = page_size
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._unanalyzed = 0
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -198,8 +200,8 @@ class Poller:
             digest = content_hash(record if day is None else [record, day.isoformat()])
             latest[stream.key_of(record)] = (digest, record)
         known = await self.ctx.pool.fetch(
-            "SELECT key, hash FROM source_snapshots WHERE flow = $1 AND entity = $2"
-            " AND key = ANY($3::text[])",
+            """SELECT s.key, s.hash FROM unnest($3::text[]) AS k(key)
+               JOIN source_snapshots s ON s.flow = $1 AND s.entity = $2 AND s.key = k.key""",
             flow.name,
             stream.entity,
             list(latest),
@@ -244,6 +246,12 @@ class Poller:
             [e.key for e in events],
             [e.version for e in events],
         )
+        # A backfill grows the table faster than autovacuum analyzes it; stale statistics
+        # turn the lookup above into a scan of the whole flow.
+        self._unanalyzed += len(events)
+        if self._unanalyzed >= ANALYZE_EVERY:
+            self._unanalyzed = 0
+            await self.ctx.pool.execute("ANALYZE source_snapshots")
         self.ctx.audit.add(
             AuditEvent(
                 stage="polled",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,8 @@ class Batcher:
         self._groups: dict[GroupKey, Group] = defaultdict(Group)
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight: set[tuple[str, str, str]] = set()
+        # records with a command in this writer that has no outcome yet
+        self._known: Counter[tuple[str, str, str]] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self.api_batches = 0
 
@@ -96,8 +98,16 @@ class Batcher:
         self, command: UpsertCommand, message_id: str | None = None
     ) -> asyncio.Future[Outcome]:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._add(Pending(command, future, message_id))
+        pending = Pending(command, future, message_id)
+        self._known[pending.record] += 1
+        future.add_done_callback(lambda _: self._forget(pending.record))
+        self._add(pending)
         return future
+
+    def _forget(self, record: tuple[str, str, str]) -> None:
+        self._known[record] -= 1
+        if self._known[record] <= 0:
+            del self._known[record]
 
     def _add(self, pending: Pending) -> None:
         c = pending.command
@@ -177,7 +187,9 @@ class Batcher:
                     for record in list(mine):
                         if record not in locked:
                             deferred.append(mine.pop(record))
-                    results = await self._write_records(conn, connection, entity, match_on, mine)
+                    results = await self._write_records(
+                        conn, connection, entity, match_on, mine, deferred
+                    )
                 finally:
                     await self._unlock_records(conn, locked)
         finally:
@@ -220,6 +232,7 @@ class Batcher:
         entity: str,
         match_on: tuple[str, ...],
         mine: dict[tuple[str, str, str], Pending],
+        deferred: list[Pending],
     ) -> list[tuple[Pending, Outcome]]:
         results: list[tuple[Pending, Outcome]] = []
         if not mine:
@@ -241,7 +254,7 @@ class Batcher:
             return results
         sink = await self.ctx.connector(connection)
         assert isinstance(sink, Sink), f"connection {connection} cannot be a target"
-        payloads, ready = await self._with_parents(conn, sink, to_write, results)
+        payloads, ready = await self._with_parents(conn, sink, to_write, results, deferred)
         if not ready:
             return results
         outcomes = await sink.upsert(entity, payloads, list(match_on))
@@ -270,32 +283,54 @@ class Batcher:
         sink: Sink,
         pending: list[Pending],
         results: list[tuple[Pending, Outcome]],
+        deferred: list[Pending],
     ) -> tuple[list[dict[str, Any]], list[Pending]]:
+        """Fill each parent lookup with the parent's target id: from ``record_links``, else
+        from the target (a parent created outside this flow). A parent that this writer is
+        about to write makes the child wait for the next flush; one that nobody wrote fails
+        the child as transient (retried later)."""
         refs = {
-            (ref.flow, ref.source_entity, ref.source_key)
+            (ref.flow, ref.source_entity, ref.source_key): ref
             for p in pending
             for ref in p.command.parents
         }
         known = await _load_links(conn, list(refs)) if refs else {}
         ids = {r: row["target_id"] for r, row in known.items() if row["target_id"]}
+        lookups = [
+            (record, ref)
+            for record, ref in refs.items()
+            if record not in ids and record not in self._known and ref.match_field
+        ]
+        if lookups:
+            found = await asyncio.gather(
+                *(
+                    sink.find_id(
+                        ref.target_entity, ref.match_field or "", ref.match_value or ref.source_key
+                    )
+                    for _, ref in lookups
+                )
+            )
+            ids.update(
+                {record: tid for (record, _), tid in zip(lookups, found, strict=True) if tid}
+            )
         payloads: list[dict[str, Any]] = []
         ready: list[Pending] = []
         for item in pending:
             payload = dict(item.command.payload)
-            missing = None
+            missing = waiting = None
             for ref in item.command.parents:
                 record = (ref.flow, ref.source_entity, ref.source_key)
                 target_id = ids.get(record)
-                if target_id is None and record not in self._in_flight and ref.match_field:
-                    target_id = await sink.find_id(
-                        ref.target_entity, ref.match_field, ref.match_value or ref.source_key
-                    )
-                    if target_id:
-                        ids[record] = target_id
                 if target_id is None:
-                    missing = ref
+                    if record in self._known:
+                        waiting = ref
+                    else:
+                        missing = ref
                     break
                 payload[ref.field] = {"id": target_id} if ref.shape == "id_object" else target_id
+            if waiting is not None:
+                deferred.append(item)
+                continue
             if missing is not None:
                 error = ParentNotWrittenError(
                     f"parent {missing.source_entity} {missing.source_key!r} of"
