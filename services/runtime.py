@@ -151,6 +151,11 @@ class HealthServer:
         return web.json_response({"ready": not problems, "problems": problems}, status=status)
 
     async def _metrics(self, _: web.Request) -> web.Response:
+        # Queue and dead-letter depth are read at scrape time (a passive declare per queue).
+        connection = self.ctx.bus.connection
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ctx.bus.queue_depths(), 5)
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

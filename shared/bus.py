@@ -381,6 +381,19 @@ class Bus:
         )
         await self.publish_raw("", target, amqp)
         metrics.MESSAGES.labels(wq.name, str(routed)).inc()
+        log.log(
+            logging.ERROR if routed is Routed.DEAD else logging.WARNING,
+            "%s after attempt %d: %s",
+            "dead-lettered" if routed is Routed.DEAD else "retry scheduled",
+            attempts,
+            error[:300],
+            extra={
+                "queue": wq.name,
+                "message_id": message.message_id,
+                "error_class": str(failure),
+                "service": service or None,
+            },
+        )
         return routed
 
     # -- monitoring ---------------------------------------------------------------------------
