@@ -28,11 +28,18 @@ from shared.messages import (
 
 log = logging.getLogger(__name__)
 
+# Commands per bus message: one target call's worth, so that writer replicas share the work
+# evenly (a few large messages would all sit in one writer's prefetch).
+COMMAND_BATCH = 100
+
 
 class Mapper:
-    def __init__(self, ctx: ServiceContext, *, prefetch: int = 10) -> None:
+    def __init__(
+        self, ctx: ServiceContext, *, prefetch: int = 10, command_batch: int = COMMAND_BATCH
+    ) -> None:
         self.ctx = ctx
         self.prefetch = prefetch
+        self.command_batch = command_batch
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.ctx.bus.consume(MAPPER_QUEUE, self.on_message, prefetch=self.prefetch)
@@ -104,13 +111,19 @@ class Mapper:
         for command in commands:
             key = (command.target_system, command.target_connection, command.target_entity)
             groups[key].append(command)
+        size = self.command_batch
         await self.ctx.bus.publish_many(
             (
                 "commands",
                 f"{system}.{entity}",
-                CommandBatch(target_connection=connection, target_entity=entity, commands=group),
+                CommandBatch(
+                    target_connection=connection,
+                    target_entity=entity,
+                    commands=group[i : i + size],
+                ),
             )
             for (system, connection, entity), group in groups.items()
+            for i in range(0, len(group), size)
         )
 
     async def _audit(

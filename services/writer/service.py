@@ -435,7 +435,7 @@ class Writer:
         ctx: ServiceContext,
         *,
         targets: list[str] | None = None,
-        prefetch: int = 20,
+        prefetch: int = 10,
         concurrency: int = 4,
         max_wait_s: float = 0.2,
     ) -> None:
