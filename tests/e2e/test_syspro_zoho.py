@@ -137,12 +137,11 @@ async def test_invoice_before_its_customer_lands_linked(pipeline_factory) -> Non
 
 
 async def test_expired_token_and_session_mid_run_lose_nothing(pipeline_factory) -> None:
-    # Read through e.net business objects (COMFND) so that the SYSPRO session is in play.
+    # The pipeline reads SYSPRO over OData (Basic, stateless): expiring every e.net session
+    # must not disturb it. The connector's own re-logon on an expired session, mid-read and
+    # between pages, is proven in tests/integration/test_connector_syspro_emulator.py.
     p: Pipeline = await pipeline_factory(
-        customers=600,
-        invoices=1200,
-        zoho_options={"max_concurrency": 20},
-        syspro_settings={"read_via": "enet", "page_size": 200},
+        customers=600, invoices=1200, zoho_options={"max_concurrency": 20}
     )
     await p.sandbox.control("zoho", "POST", "/_control/faults", {"latency_ms": 40})
     p.start()
@@ -154,9 +153,7 @@ async def test_expired_token_and_session_mid_run_lose_nothing(pipeline_factory) 
     assert stats["tokens_issued"] >= 2
     assert stats["records"] == {**stats["records"], "Accounts": 600, "Deals": 1200}
     assert duplicate_creates(stats) == 0
-    syspro = await p.sandbox.control("syspro", "GET", "/_control/stats")
-    assert syspro["logons"] >= 2  # the first logon, and the one after the expiry
-    assert syspro["sessions_expired"] + syspro["invalid_session_calls"] >= 1
+    assert stats["statuses"].get("401", 0) >= 1  # the expired token was refused once, then renewed
     await p.stop()
 
 
