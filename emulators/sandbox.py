@@ -53,6 +53,18 @@ ZOHO_CUSTOM_FIELDS: dict[str, list[dict[str, Any]]] = {
         {"api_name": "Payment_Status", "data_type": "text", "length": 20},
         {"api_name": "Days_Overdue", "data_type": "integer"},
     ],
+    "Invoices": [
+        {
+            "api_name": "ERP_Invoice_Key",
+            "data_type": "text",
+            "length": 60,
+            "unique": True,
+            "external": True,
+        },
+        {"api_name": "Balance", "data_type": "currency"},
+        {"api_name": "Payment_Status", "data_type": "text", "length": 20},
+        {"api_name": "Days_Overdue", "data_type": "integer"},
+    ],
 }
 
 
@@ -67,7 +79,11 @@ def syspro_sandbox_options(customers: int = 0, invoices: int = 0, seed: int = 1)
     }
 
 
-MATCH_FIELDS = {"Accounts": "ERP_Customer_No", "Deals": "ERP_Invoice_Key"}
+MATCH_FIELDS = {
+    "Accounts": "ERP_Customer_No",
+    "Deals": "ERP_Invoice_Key",
+    "Invoices": "ERP_Invoice_Key",
+}
 
 
 def duplicate_creates(stats: dict[str, Any]) -> int:
@@ -172,6 +188,7 @@ class Sandbox:
         poll_interval: float | None = None,
         syspro_settings: dict[str, Any] | None = None,
         full_every: float | None = None,
+        lookups: dict[str, dict[str, Any]] | None = None,
     ) -> list[Flow]:
         settings, secrets = self.syspro_connection()
         settings.update(syspro_settings or {})
@@ -183,6 +200,9 @@ class Sandbox:
             flow = load_flow_file(FLOWS_DIR / name)
             if poll_interval is not None:
                 flow = flow.model_copy(update={"poll_interval": poll_interval})
+            for table, values in (lookups or {}).items():
+                if table in flow.lookups:
+                    flow.lookups[table].update(values)
             if full_every is not None:
                 for entity in flow.entities:
                     if entity.source.change_detection.mode == "column":
@@ -192,6 +212,16 @@ class Sandbox:
         return applied
 
     # -- what landed ---------------------------------------------------------------------------
+
+    async def seed_invoice_product(self) -> str:
+        """The Zoho product that stands for an ERP invoice (flows/syspro-zoho-invoices.yaml)."""
+        seeded = await self.control(
+            "zoho",
+            "POST",
+            "/_control/seed",
+            {"module": "Products", "records": [{"Product_Name": "ERP invoice", "Unit_Price": 0}]},
+        )
+        return str(seeded["ids"][0])
 
     async def zoho_stats(self) -> dict[str, Any]:
         return await self.control("zoho", "GET", "/_control/stats")

@@ -110,6 +110,9 @@ class FieldSpec(Strict):
     default: Any = None
     required: bool = False
     max_length: int | None = None
+    # Sent when the target record is created, never on updates (line items: Zoho appends
+    # line items without ids, so resending them would duplicate the lines).
+    insert_only: bool = False
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -161,7 +161,28 @@ def _coalesce(ctx: _Context, **values: Any) -> Any:
     return None
 
 
+def _line_item(
+    ctx: _Context,
+    product_id: Any,
+    list_price: Any,
+    quantity: Any = 1,
+    description: Any = None,
+) -> list[dict[str, Any]]:
+    """One inventory line (Zoho Invoiced_Items / Ordered_Items shape)."""
+    if product_id in (None, ""):
+        raise ValueError("product_id is empty")
+    line: dict[str, Any] = {
+        "Product_Name": {"id": str(product_id)},
+        "Quantity": float(Decimal(str(quantity or 1))),
+        "List_Price": to_decimal(list_price or 0, 2),
+    }
+    if description not in (None, ""):
+        line["Description"] = str(description)
+    return [line]
+
+
 COMPUTED: dict[str, Callable[..., Any]] = {
+    "line_item": _line_item,
     "add_days": _add_days,
     "payment_status": _payment_status,
     "days_overdue": _days_overdue,
@@ -304,4 +325,5 @@ def map_event(
         match_on=list(entity.target.match_on),
         payload=payload,
         parents=parents,
+        insert_only=[name for name, spec in entity.fields.items() if spec.insert_only],
     )

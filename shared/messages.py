@@ -102,6 +102,7 @@ class UpsertCommand(Message):
     match_on: list[str]
     payload: dict[str, Any]
     parents: list[ParentRef] = Field(default_factory=list)
+    insert_only: list[str] = Field(default_factory=list)
     payload_hash: str = ""
 
     def model_post_init(self, _: Any) -> None:
@@ -119,6 +120,7 @@ class UpsertCommand(Message):
         values.setdefault("command_id", new_id())
         values.setdefault("schema_version", SCHEMA_VERSION)
         values.setdefault("parents", [])
+        values.setdefault("insert_only", [])
         values.setdefault("payload_hash", cls.hash_of(values["payload"], values["parents"]))
         return cls.model_construct(**values)
 

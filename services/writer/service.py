@@ -58,6 +58,7 @@ class Pending:
     command: UpsertCommand
     future: asyncio.Future[Outcome]
     message_id: str | None = None
+    exists: bool = False  # the target record exists already (insert-only fields are dropped)
 
     @property
     def record(self) -> tuple[str, str, str]:
@@ -249,6 +250,7 @@ class Batcher:
                 if link["payload_hash"] == command.payload_hash:
                     results.append((pending, Outcome("unchanged", target_id=link["target_id"])))
                     continue
+            pending.exists = link is not None and bool(link["target_id"])
             to_write.append(pending)
         if not to_write:
             return results
@@ -317,6 +319,9 @@ class Batcher:
         ready: list[Pending] = []
         for item in pending:
             payload = dict(item.command.payload)
+            if item.exists:
+                for name in item.command.insert_only:
+                    payload.pop(name, None)
             missing = waiting = None
             for ref in item.command.parents:
                 record = (ref.flow, ref.source_entity, ref.source_key)

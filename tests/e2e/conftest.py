@@ -135,6 +135,8 @@ async def pipeline_factory(
         syspro_settings: dict[str, Any] | None = None,
         full_every: float | None = None,
         retry_delays_s: tuple[int, ...] = (1, 2, 3),
+        flow_files: tuple[str, ...] = ("syspro-zoho.yaml",),
+        invoice_product: bool = False,
         **sandbox: Any,
     ) -> Pipeline:
         settings = Settings(
@@ -148,12 +150,17 @@ async def pipeline_factory(
         )
         box = await Sandbox.start(customers=customers, invoices=invoices, **sandbox)
         vault = Vault.from_settings(settings)
+        lookups = {}
+        if invoice_product:
+            lookups["zoho_products"] = {"invoice": await box.seed_invoice_product()}
         await box.register(
             ConnectionStore(clean_db, vault),
             FlowStore(clean_db),
             poll_interval=poll_interval,
             syspro_settings=syspro_settings,
             full_every=full_every,
+            flow_files=flow_files,
+            lookups=lookups,
         )
         pipeline = Pipeline(settings, clean_db, box)
         made.append(pipeline)
