@@ -11,23 +11,27 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared import db
 from shared.audit import AuditWriter
-from shared.bus import Bus, Topology
+from shared.bus import Bus, Topology, WorkQueue
 from shared.connections import ConnectionStore
 from shared.connectors.base import Connector
+from shared.failures import FailureClass
 from shared.flow_store import FlowStore
 from shared.logs import register_secret
+from shared.messages import Message, MessageFormatError, decode
 from shared.settings import Settings
 from shared.vault import Vault
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 
 def topology_from(settings: Settings) -> Topology:
@@ -65,6 +69,22 @@ class ServiceContext:
                 connector = await self.connections.open(name, **self.connector_options)
                 self._connectors[name] = connector
         return connector
+
+    async def decode_or_dead_letter(
+        self, message: AbstractIncomingMessage, queue: WorkQueue, expected: type[M]
+    ) -> M | None:
+        """The message as ``expected``; one that is not is dead-lettered (and acked) at once."""
+        try:
+            decoded = decode(message.type, message.body)
+            if not isinstance(decoded, expected):
+                raise MessageFormatError(f"{queue.name} got a {message.type} message")
+        except MessageFormatError as exc:
+            await self.bus.route_failure(
+                message, queue, FailureClass.PERMANENT, str(exc), service=self.actor
+            )
+            await message.ack()
+            return None
+        return decoded
 
     async def system_of(self, connection: str) -> str:
         return (await self.connections.get(connection)).system

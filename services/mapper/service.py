@@ -21,9 +21,7 @@ from shared.messages import (
     ChangeBatch,
     ChangeEvent,
     CommandBatch,
-    MessageFormatError,
     UpsertCommand,
-    decode,
 )
 
 log = logging.getLogger(__name__)
@@ -47,15 +45,8 @@ class Mapper:
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         bus = self.ctx.bus
-        try:
-            batch = decode(message.type, message.body)
-            if not isinstance(batch, ChangeBatch):
-                raise MessageFormatError(f"mapper got a {message.type} message")
-        except MessageFormatError as exc:
-            await bus.route_failure(
-                message, MAPPER_QUEUE, FailureClass.PERMANENT, str(exc), service=self.ctx.actor
-            )
-            await message.ack()
+        batch = await self.ctx.decode_or_dead_letter(message, MAPPER_QUEUE, ChangeBatch)
+        if batch is None:
             return
         try:
             commands, failed = await self.map_batch(batch)

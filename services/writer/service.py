@@ -36,7 +36,7 @@ from shared.failures import (
     classify,
     describe,
 )
-from shared.messages import CommandBatch, MessageFormatError, UpsertCommand, decode
+from shared.messages import CommandBatch, UpsertCommand
 
 log = logging.getLogger(__name__)
 
@@ -460,15 +460,8 @@ class Writer:
 
     async def on_message(self, message: AbstractIncomingMessage, queue: WorkQueue) -> None:
         bus = self.ctx.bus
-        try:
-            batch = decode(message.type, message.body)
-            if not isinstance(batch, CommandBatch):
-                raise MessageFormatError(f"writer got a {message.type} message")
-        except MessageFormatError as exc:
-            await bus.route_failure(
-                message, queue, FailureClass.PERMANENT, str(exc), service=self.ctx.actor
-            )
-            await message.ack()
+        batch = await self.ctx.decode_or_dead_letter(message, queue, CommandBatch)
+        if batch is None:
             return
         # Make sure the sink is open so that its batch size is known before batching.
         await self.ctx.connector(batch.target_connection)
