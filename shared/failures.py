@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 import aiohttp
+import aiormq
+import asyncpg
 
 
 class FailureClass(StrEnum):
@@ -132,6 +134,20 @@ def http_error(
     )
 
 
+_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    OSError,
+)
+
+
 def classify(exc: BaseException) -> FailureClass:
     """The failure class of any exception raised while talking to an external system."""
     if isinstance(exc, ConnectorError):
@@ -146,6 +162,10 @@ def classify(exc: BaseException) -> FailureClass:
         | aiohttp.ClientPayloadError
         | ConnectionError,
     ):
+        return FailureClass.TRANSIENT
+    if isinstance(exc, _INFRASTRUCTURE_ERRORS):
+        # Our own database or broker went away (a restart, a failover): retry, never blame
+        # the record.
         return FailureClass.TRANSIENT
     if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
         # A truncated body or an HTML error page from a proxy: the record is not at fault.
