@@ -177,34 +177,41 @@ class DeadLetterBrowser:
         )
         await self.bus.publish_raw(exchange, routing_key, amqp)
         await audit.write(
-            AuditEvent(
+            _audit_rows(
+                letter,
                 stage="replayed",
                 status="republished",
                 actor=actor,
-                flow=next(iter(letter.flows), None),
-                source_ref=record,
-                message_id=letter.message_id,
                 details={"queue": letter.queue, "exchange": exchange, "routing_key": routing_key},
             )
-            for record in letter.records or [""]
         )
         await letter.message.ack()
 
     async def discard(self, letter: DeadLetter, *, audit: AuditWriter, actor: str) -> None:
         await audit.write(
-            AuditEvent(
+            _audit_rows(
+                letter,
                 stage="discarded",
                 status="discarded",
                 actor=actor,
-                flow=next(iter(letter.flows), None),
-                source_ref=record,
-                message_id=letter.message_id,
                 error_class=letter.headers.get(busmod.H_ERROR_CLASS),
                 error=letter.headers.get(busmod.H_ERROR),
             )
-            for record in letter.records or [""]
         )
         await letter.message.ack()
+
+
+def _audit_rows(letter: DeadLetter, **fields: Any) -> list[AuditEvent]:
+    """One audit row per record of a dead letter (what an operator did to it)."""
+    return [
+        AuditEvent(
+            flow=next(iter(letter.flows), None),
+            source_ref=record,
+            message_id=letter.message_id,
+            **fields,
+        )
+        for record in letter.records or [""]
+    ]
 
 
 async def disabled_flows(flows: FlowStore, letter: DeadLetter) -> list[str]:

@@ -195,6 +195,26 @@ class ZohoCrmConnector:
                 text = text.replace(secret, "***")
         return text
 
+    async def _send(
+        self, method: str, url: URL, *, what: str, operation: str, **kwargs: Any
+    ) -> tuple[int, str, str]:
+        """One HTTP exchange: status, body text and content type; transport failures come back
+        classified and timed."""
+        timer = CallTimer(self.name, operation)
+        try:
+            async with self._client().request(
+                method, url, allow_redirects=False, **kwargs
+            ) as response:
+                status, text = response.status, await response.text()
+                ctype = response.content_type
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            timer.done(type(exc).__name__)
+            raise transport_error(
+                exc, what, url, timeout_s=self.settings.timeout_s, scrub=self._scrub
+            ) from None
+        timer.done(status)
+        return status, text, ctype
+
     # -- auth ---------------------------------------------------------------------------------
 
     async def _refresh(self) -> Token:
@@ -206,19 +226,11 @@ class ZohoCrmConnector:
             "client_id": self.settings.client_id,
             "client_secret": self._secrets.client_secret.get_secret_value(),
         }
-        timer = CallTimer(self.name, "oauth.token")
 
         async def once() -> Token:
-            try:
-                async with self._client().post(url, data=form, allow_redirects=False) as response:
-                    status, text = response.status, await response.text()
-                    ctype = response.content_type
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                timer.done(type(exc).__name__)
-                raise transport_error(
-                    exc, what, url, timeout_s=self.settings.timeout_s, scrub=self._scrub
-                ) from None
-            timer.done(status)
+            status, text, ctype = await self._send(
+                "POST", url, what=what, operation="oauth.token", data=form
+            )
             if status >= 500:
                 raise TransientError(f"{what}: HTTP {status}", status=status)
             body = parse_json(text, status=status, content_type=ctype, what=what)
@@ -298,24 +310,15 @@ class ZohoCrmConnector:
             token = await self._auth()
             url = URL(token.context["api_domain"] + self.settings.api_path + path)
             what = f"Zoho CRM {method} {self.settings.api_path}{path}"
-            timer = CallTimer(self.name, operation)
-            try:
-                async with self._client().request(
-                    method,
-                    url,
-                    params=params,
-                    json=json,
-                    headers={"Authorization": f"Zoho-oauthtoken {token.value}", **(headers or {})},
-                    allow_redirects=False,
-                ) as response:
-                    status, text = response.status, await response.text()
-                    ctype = response.content_type
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                timer.done(type(exc).__name__)
-                raise transport_error(
-                    exc, what, url, timeout_s=self.settings.timeout_s, scrub=self._scrub
-                ) from None
-            timer.done(status)
+            status, text, ctype = await self._send(
+                method,
+                url,
+                what=what,
+                operation=operation,
+                params=params,
+                json=json,
+                headers={"Authorization": f"Zoho-oauthtoken {token.value}", **(headers or {})},
+            )
             if status in (204, 304):
                 return status, None
             body = parse_json(text, status=status, content_type=ctype, what=what)
