@@ -16,12 +16,14 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from pydantic import SecretStr
 
 from emulators.sandbox import Sandbox
 from services.runtime import topology_from
 from shared import db
 from shared.bus import Bus
-from shared.connections import ConnectionStore
+from shared.connections import ConnectionStore, StoredConnection, build_connector
+from shared.connectors.base import Connector
 from shared.flow_store import FlowStore
 from shared.settings import Settings
 from shared.vault import Vault
@@ -68,6 +70,18 @@ def cpu_of_command(fragment: str) -> float:
         if fragment in cmd:
             total += cpu_seconds(int(entry.name))
     return total
+
+
+def sandbox_connectors(box: Sandbox) -> tuple[Connector, Connector]:
+    """The SYSPRO and Zoho connectors of the sandbox, opened in this process (no database)."""
+    opened = []
+    for name, system, (settings, secrets) in (
+        ("syspro", "syspro", box.syspro_connection()),
+        ("zoho", "zoho_crm", box.zoho_connection()),
+    ):
+        sealed = {k: SecretStr(v) for k, v in secrets.items()}
+        opened.append(build_connector(StoredConnection(name, system, settings, sealed, None)))
+    return opened[0], opened[1]
 
 
 @dataclass

@@ -16,11 +16,8 @@ import time
 from datetime import date
 from typing import Any
 
-from pydantic import SecretStr
-
-from bench.harness import Bench, cpu_of_command
+from bench.harness import Bench, cpu_of_command, sandbox_connectors
 from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, Sandbox, duplicate_creates
-from shared.connections import StoredConnection, build_connector
 from shared.connectors.base import Sink, Source
 from shared.flows import load_flow_file
 from shared.mapping import map_record
@@ -67,18 +64,7 @@ async def run_baseline(box: Sandbox) -> dict[str, Any]:
     for module, fields in ZOHO_CUSTOM_FIELDS.items():
         await box.control("zoho", "POST", "/_control/fields", {"module": module, "fields": fields})
     flow = load_flow_file(FLOWS_DIR / "syspro-zoho.yaml")
-    s_settings, s_secrets = box.syspro_connection()
-    z_settings, z_secrets = box.zoho_connection()
-    source = build_connector(
-        StoredConnection(
-            "syspro", "syspro", s_settings, {k: SecretStr(v) for k, v in s_secrets.items()}, None
-        )
-    )
-    sink = build_connector(
-        StoredConnection(
-            "zoho", "zoho_crm", z_settings, {k: SecretStr(v) for k, v in z_secrets.items()}, None
-        )
-    )
+    source, sink = sandbox_connectors(box)
     assert isinstance(source, Source) and isinstance(sink, Sink)
     ids: dict[str, str] = {}
     today = date.today()

@@ -3,9 +3,13 @@ over time.
 
     .venv/bin/python -m bench.steady [--rate 200] [--minutes 5] [--customers 20000]
 
-The flow polls every 2 s; the SYSPRO emulator changes ``rate`` customers a second. Latency is
-measured per change: from the moment the change was made to the moment the writer's audit row
-says it was written.
+The flow polls every 2 s; the SYSPRO emulator changes ``rate`` customers a second. Right after
+each change the bench reads the changed rows through the SYSPRO connector (as the poller will)
+and takes their content hash: the version the poller publishes and the writer records in its
+audit row. A change is done when the writer has decided on that version or a later one of the
+same record: ``written`` (an API call), or ``skipped`` when no mapped field changed (a
+salesperson edit, say: the flow does not map it, so nothing is sent). Latency is measured from
+the change to that decision; a change without one is counted as lost.
 """
 
 from __future__ import annotations
@@ -13,9 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from bench.harness import Bench
+from bench.harness import Bench, sandbox_connectors
+from emulators.sandbox import FLOWS_DIR
+from shared.connectors.base import Source
+from shared.flows import load_flow_file
+from shared.messages import content_hash
 
 
 async def main() -> None:
@@ -23,8 +33,10 @@ async def main() -> None:
     parser.add_argument("--rate", type=int, default=200, help="changes per second")
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--settle", type=float, default=30, help="seconds to wait at the end")
     args = parser.parse_args()
     bench = Bench()
+    source = sink = None
     try:
         box = await bench.start_emulators()
         await bench.prepare(args.customers, 0, poll_interval=2)
@@ -38,10 +50,15 @@ async def main() -> None:
             f" {args.minutes:g} min",
             flush=True,
         )
-        changes: list[tuple[str, datetime]] = []
+        source, sink = sandbox_connectors(box)
+        assert isinstance(source, Source)
+        flow = load_flow_file(FLOWS_DIR / "syspro-zoho.yaml")
+        stream = flow.entity("customers").stream()
+        changes: list[Change] = []
         started = time.monotonic()
         end = started + args.minutes * 60
         tick = 0
+        calls_before = (await box.zoho_stats())["write_calls"]
         while time.monotonic() < end:
             t0 = time.monotonic()
             result = await box.control(
@@ -51,7 +68,9 @@ async def main() -> None:
                 {"table": "ArCustomer", "count": args.rate, "seed": tick},
             )
             now = datetime.now(UTC)
-            changes.extend((key.strip(), now) for key in result.get("keys", []))
+            keys = [key.strip() for key in result.get("keys", [])]
+            rows = await source.fetch(stream, keys)
+            changes.extend(Change(stream.key_of(r), now, content_hash(r)) for r in rows)
             tick += 1
             if tick % 30 == 0:
                 mem = bench.sample_memory()
@@ -65,34 +84,9 @@ async def main() -> None:
                     flush=True,
                 )
             await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
-        await asyncio.sleep(15)  # let the last changes land
-        # Latency: each change to the first 'written' row of that customer after it.
-        rows = await bench.pool.fetch(
-            """SELECT split_part(source_ref, ':', 3) AS key, at FROM audit_events
-               WHERE stage = 'written' AND source_ref LIKE 'syspro:ArCustomer:%'
-               ORDER BY at"""
-        )
-        written: dict[str, list[datetime]] = {}
-        for row in rows:
-            written.setdefault(row["key"], []).append(row["at"])
-        latencies = []
-        missing = 0
-        for key, at in changes:
-            after = [w for w in written.get(key, []) if w >= at]
-            if after:
-                latencies.append((after[0] - at).total_seconds())
-            else:
-                missing += 1
-        latencies.sort()
-
-        def pct(q: float) -> float:
-            return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0
-
-        print(
-            f"STEADY  {len(changes)} changes at {args.rate}/s for {args.minutes:g} min:"
-            f" latency change -> write p50 {pct(0.5):.2f} s, p99 {pct(0.99):.2f} s,"
-            f" max {latencies[-1] if latencies else 0:.2f} s; not yet written {missing}"
-        )
+        await asyncio.sleep(args.settle)  # let the last changes land
+        stats = await box.zoho_stats()
+        report(changes, await decisions(bench), args, stats["write_calls"] - calls_before)
         first = bench.samples[0][1] if bench.samples else {}
         last = bench.samples[-1][1] if bench.samples else {}
         print(
@@ -104,7 +98,92 @@ async def main() -> None:
             )
         )
     finally:
+        for connector in (source, sink):
+            if connector is not None:
+                await connector.close()
         await bench.close()
+
+
+@dataclass
+class Change:
+    key: str
+    at: datetime
+    version: str
+
+
+@dataclass
+class Decision:
+    at: datetime
+    version: str
+    written: bool
+
+
+async def decisions(bench: Bench) -> dict[str, list[Decision]]:
+    """The writer's decisions per customer: written (an API call) or skipped as unchanged."""
+    assert bench.pool is not None
+    rows = await bench.pool.fetch(
+        """SELECT split_part(source_ref, ':', 3) AS key, at, stage,
+                  details->>'source_version' AS version
+           FROM audit_events
+           WHERE source_ref LIKE 'syspro:ArCustomer:%'
+             AND (stage = 'written' OR (stage = 'skipped' AND status = 'unchanged'))
+           ORDER BY at"""
+    )
+    out: dict[str, list[Decision]] = defaultdict(list)
+    for row in rows:
+        out[row["key"]].append(Decision(row["at"], row["version"], row["stage"] == "written"))
+    return out
+
+
+def report(
+    changes: list[Change], done: dict[str, list[Decision]], args: argparse.Namespace, calls: int
+) -> None:
+    """Latency of each change: to the first decision on its version or a later version of the
+    same record (a later version carries this change too)."""
+    per_key: dict[str, list[Change]] = defaultdict(list)
+    for change in changes:
+        per_key[change.key].append(change)
+    written: list[float] = []
+    skipped: list[float] = []
+    lost: list[Change] = []
+    for key, series in per_key.items():
+        for i, change in enumerate(series):
+            versions = {c.version for c in series[i:]}
+            first = next(
+                (d for d in done.get(key, []) if d.at >= change.at and d.version in versions),
+                None,
+            )
+            if first is None:
+                lost.append(change)
+            else:
+                (written if first.written else skipped).append(
+                    (first.at - change.at).total_seconds()
+                )
+    both = sorted(written + skipped)
+    written.sort()
+    print(
+        f"STEADY  {len(changes)} changes at {args.rate}/s for {args.minutes:g} min;"
+        f" {len(written)} written, {len(skipped)} skipped (no mapped field changed),"
+        f" {len(lost)} without a decision {args.settle:g} s after the end"
+    )
+    print(
+        f"  change -> write:    p50 {pct(written, 0.5):.2f} s, p99 {pct(written, 0.99):.2f} s,"
+        f" max {written[-1] if written else 0:.2f} s"
+    )
+    print(
+        f"  change -> decision: p50 {pct(both, 0.5):.2f} s, p99 {pct(both, 0.99):.2f} s,"
+        f" max {both[-1] if both else 0:.2f} s"
+    )
+    print(
+        f"  Zoho write calls during the load: {calls}"
+        f" ({calls / max(1, len(written)) * 1000:.1f} per 1,000 written records)"
+    )
+    for change in lost[:5]:
+        print(f"  no decision: {change.key} changed at {change.at:%H:%M:%S.%f}")
+
+
+def pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
 
 
 if __name__ == "__main__":
