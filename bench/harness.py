@@ -49,12 +49,21 @@ def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
     return 0.0
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process, with those of its children that exited
+    (a PostgreSQL backend that ended during the run is counted by the postmaster)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = os.sysconf("SC_CLK_TCK")
+        user = (int(fields[11]) + int(fields[13])) / ticks
+        system = (int(fields[12]) + int(fields[14])) / ticks
+        return user, system
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return 0.0, 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def cpu_of_command(fragment: str) -> float:
@@ -90,6 +99,7 @@ class Bench:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     peaks: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    system_cpu: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     box: Sandbox | None = None
     pool: asyncpg.Pool | None = None
@@ -168,9 +178,23 @@ class Bench:
         )
 
     def spawn(self, service: str, label: str | None = None, **env: str) -> None:
+        """Start ``ml-connector run SERVICE`` as its own process. Services named in
+        ``MLC_BENCH_PROFILE`` (comma-separated) run under cProfile, which writes
+        ``/tmp/mlc-profile-<label>.out`` when the service stops."""
         label = label or service
+        profiled = os.environ.get("MLC_BENCH_PROFILE", "").split(",")
+        wrapper = ["-m", "cProfile", "-o", f"/tmp/mlc-profile-{label}.out"]
         self.procs[label] = subprocess.Popen(
-            [sys.executable, "-m", "services", "run", service, "--health-port", "0"],
+            [
+                sys.executable,
+                *(wrapper if service in profiled else []),
+                "-m",
+                "services",
+                "run",
+                service,
+                "--health-port",
+                "0",
+            ],
             cwd=ROOT,
             env=self.env(MLC_REPLICA=label, **env),
         )
@@ -180,6 +204,7 @@ class Bench:
         for label, p in self.procs.items():
             if p.poll() is None:
                 self.cpu[label] = cpu_seconds(p.pid)
+                self.system_cpu[label] = cpu_times(p.pid)[1]
         for label, value in now.items():
             self.peaks[label] = max(self.peaks.get(label, 0.0), value)
         self.samples.append((time.monotonic(), now))

@@ -138,8 +138,11 @@ async def main() -> None:
         )
         print("  peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(bench.peaks.items())))
         print(
-            "  CPU seconds during the run: "
-            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(bench.cpu.items()))
+            "  CPU seconds during the run (of which in the kernel): "
+            + ", ".join(
+                f"{k} {v:.0f}" + (f" ({bench.system_cpu[k]:.0f})" if k in bench.system_cpu else "")
+                for k, v in sorted(bench.cpu.items())
+            )
         )
         if not args.no_baseline:
             base = await run_baseline(box)

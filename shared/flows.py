@@ -8,6 +8,8 @@ polled in file order, so parents come before their children.
 from __future__ import annotations
 
 import re
+import string
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,13 +19,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from shared.connectors.base import StreamSpec
-from shared.messages import content_hash
+from shared.messages import canonical_hash
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -156,6 +159,42 @@ class EntityMapping(Strict):
     source: SourceSpec
     target: TargetSpec
     fields: dict[str, FieldSpec]
+    _plan: Any = PrivateAttr(default=None)  # the compiled mapping (shared.mapping)
+
+    @cached_property
+    def source_columns(self) -> tuple[str, ...]:
+        """The source columns this mapping reads: the key, the change field, ``select``, and
+        every column a field, template, computed argument or parent reference names."""
+        names: dict[str, None] = dict.fromkeys(self.source.key)
+        if self.source.change_detection.field:
+            names[self.source.change_detection.field] = None
+        names.update(dict.fromkeys(self.source.select or ()))
+
+        def of_template(template: str | None) -> None:
+            for _, column, _, _ in string.Formatter().parse(template or ""):
+                if column:
+                    names[column] = None
+
+        def of_spec(spec: FieldSpec) -> None:
+            if spec.from_:
+                names[spec.from_] = None
+            of_template(spec.template)
+            of_template(spec.key if spec.parent else None)
+            of_template(spec.match.value if spec.match else None)
+            for arg in spec.args.values():
+                if isinstance(arg, FieldSpec):
+                    of_spec(arg)
+
+        for spec in self.fields.values():
+            of_spec(spec)
+        return tuple(names)
+
+    def project(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record as the pipeline carries it: only the columns this mapping reads, in a
+        fixed order, so that a change to a column nobody maps is no change (and its content
+        hash does not depend on the order the source sent the columns in). A column the
+        source did not send stays absent; mapping it then fails with its name."""
+        return {name: record[name] for name in self.source_columns if name in record}
 
     @field_validator("name")
     @classmethod
@@ -240,7 +279,7 @@ class Flow(Strict):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     def definition_hash(self) -> str:
-        return content_hash(self.definition())
+        return canonical_hash(self.definition())
 
 
 class FlowFileError(ValueError):

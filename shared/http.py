@@ -3,12 +3,12 @@ per-connection call metrics."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
+from pydantic_core import from_json, to_json
 from yarl import URL
 
 from shared import metrics
@@ -34,7 +34,13 @@ def client_session(
         connector=connector,
         headers={"User-Agent": USER_AGENT, **(headers or {})},
         raise_for_status=False,
+        json_serialize=dump_json,
     )
+
+
+def dump_json(value: Any) -> str:
+    """JSON request bodies, serialized by pydantic-core (a batch of records is built per call)."""
+    return to_json(value).decode()
 
 
 def parse_json(text: str, *, status: int, content_type: str, what: str) -> Any:
@@ -42,8 +48,8 @@ def parse_json(text: str, *, status: int, content_type: str, what: str) -> Any:
     if not text:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        return from_json(text)
+    except ValueError:
         snippet = " ".join(text[:120].split())
         kind = "an HTML page" if text.lstrip()[:1] == "<" else "a body that is not valid JSON"
         raise TransientError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -16,7 +17,7 @@ from typing import Any
 
 from shared.failures import MappingError
 from shared.flows import EntityMapping, FieldSpec, Flow
-from shared.messages import ChangeEvent, ParentRef, UpsertCommand
+from shared.messages import ChangeEvent, ParentRef, UpsertCommand, canonical_json
 
 _FORMATTER = string.Formatter()
 
@@ -202,98 +203,199 @@ def is_time_dependent(entity: EntityMapping) -> bool:
     return any(uses(spec) for spec in entity.fields.values())
 
 
-# -- one field, one record --------------------------------------------------------------------
+# -- the compiled plan -------------------------------------------------------------------------
+#
+# A flow's entity mapping is compiled once into one function per field, with every branch of
+# the spec (source, lookup, default, type, length) decided at compile time. A computed value
+# that several fields use (an invoice's due date feeds four of them) is computed once per
+# record: computed values are memoised per record by their definition.
+
+Getter = Callable[[_Context, dict[str, Any]], Any]
+_MISSING = object()
 
 
-def _value(ctx: _Context, name: str, spec: FieldSpec) -> Any:
-    record = ctx.record
+def _compile_value(flow: Flow, name: str, spec: FieldSpec) -> Getter:
     if spec.from_ is not None:
-        if spec.from_ not in record:
-            raise ctx.fail(name, f"source column {spec.from_!r} is missing from the record")
-        value = record[spec.from_]
-    elif spec.template is not None:
-        try:
-            value = render_template(spec.template, record)
-        except KeyError as exc:
-            raise ctx.fail(name, f"template names unknown column {exc.args[0]!r}") from None
-    elif spec.compute is not None:
-        args = {}
-        for arg_name, arg in spec.args.items():
-            if isinstance(arg, FieldSpec):
-                args[arg_name] = _field(ctx, f"{name}.{arg_name}", arg)
+        column = spec.from_
+
+        def from_column(ctx: _Context, memo: dict[str, Any]) -> Any:
+            try:
+                value = ctx.record[column]
+            except KeyError:
+                raise ctx.fail(
+                    name, f"source column {column!r} is missing from the record"
+                ) from None
+            return value.strip() if isinstance(value, str) else value
+
+        return from_column
+    if spec.template is not None:
+        template = spec.template
+
+        def from_template(ctx: _Context, memo: dict[str, Any]) -> Any:
+            try:
+                return render_template(template, ctx.record).strip()
+            except KeyError as exc:
+                raise ctx.fail(name, f"template names unknown column {exc.args[0]!r}") from None
+
+        return from_template
+    if spec.compute is not None:
+        function = COMPUTED[spec.compute]
+        compute = spec.compute
+        args = [
+            (arg_name, _compile_field(flow, f"{name}.{arg_name}", arg))
+            if isinstance(arg, FieldSpec)
+            else (arg_name, _constant(arg))
+            for arg_name, arg in spec.args.items()
+        ]
+        key = canonical_json({"compute": compute, "args": _definition(spec.args)}).decode()
+
+        def computed(ctx: _Context, memo: dict[str, Any]) -> Any:
+            value = memo.get(key, _MISSING)
+            if value is _MISSING:
+                values = {arg_name: get(ctx, memo) for arg_name, get in args}
+                try:
+                    value = function(ctx, **values)
+                except (ValueError, TypeError, InvalidOperation) as exc:
+                    raise ctx.fail(name, f"{compute}: {exc}") from None
+                if isinstance(value, str):
+                    value = value.strip()
+                memo[key] = value
+            return value
+
+        return computed
+    return _constant(spec.value.strip() if isinstance(spec.value, str) else spec.value)
+
+
+def _constant(value: Any) -> Getter:
+    return lambda ctx, memo: value
+
+
+def _definition(args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        if isinstance(v, FieldSpec)
+        else v
+        for k, v in args.items()
+    }
+
+
+def _compile_field(flow: Flow, name: str, spec: FieldSpec) -> Getter:
+    value_of = _compile_value(flow, name, spec)
+    table = flow.lookups[spec.lookup] if spec.lookup is not None else None
+    lookup_name = spec.lookup
+    default, required = spec.default, spec.required
+    max_length = spec.max_length
+
+    def field(ctx: _Context, memo: dict[str, Any]) -> Any:
+        value = value_of(ctx, memo)
+        if table is not None and value is not None and value != "":
+            key = str(value).strip()
+            if key in table:
+                value = table[key]
+            elif "default" in table:
+                value = table["default"]
             else:
-                args[arg_name] = arg
+                raise ctx.fail(name, f"{key!r} is not in lookup table {lookup_name!r}")
+        if value is None or value == "":
+            if default is not None:
+                value = default
+            elif required:
+                raise ctx.fail(name, "required value is empty")
+            else:
+                return None
         try:
-            value = COMPUTED[spec.compute](ctx, **args)
-        except (ValueError, TypeError, InvalidOperation) as exc:
-            raise ctx.fail(name, f"{spec.compute}: {exc}") from None
-    else:
-        value = spec.value
-    if isinstance(value, str):
-        value = value.strip()
-    return value
+            value = coerce(value, spec)
+        except (ValueError, InvalidOperation) as exc:
+            raise ctx.fail(name, str(exc)) from None
+        if max_length and isinstance(value, str) and len(value) > max_length:
+            value = value[:max_length]
+        return value
+
+    return field
 
 
-def _field(ctx: _Context, name: str, spec: FieldSpec) -> Any:
-    value = _value(ctx, name, spec)
-    if spec.lookup is not None and value not in (None, ""):
-        table = ctx.flow.lookups[spec.lookup]
-        key = str(value).strip()
-        if key in table:
-            value = table[key]
-        elif "default" in table:
-            value = table["default"]
-        else:
-            raise ctx.fail(name, f"{key!r} is not in lookup table {spec.lookup!r}")
-    if value in (None, ""):
-        if spec.default is not None:
-            value = spec.default
-        elif spec.required:
-            raise ctx.fail(name, "required value is empty")
-        else:
-            return None
-    try:
-        value = coerce(value, spec)
-    except (ValueError, InvalidOperation) as exc:
-        raise ctx.fail(name, str(exc)) from None
-    if spec.max_length and isinstance(value, str) and len(value) > spec.max_length:
-        value = value[: spec.max_length]
-    return value
+@dataclass
+class _ParentPlan:
+    field: str
+    key: str
+    required: bool
+    source_entity: str
+    target_entity: str
+    match_field: str | None
+    match_value: str | None
+
+
+@dataclass
+class _Plan:
+    fields: list[tuple[str, Getter]]
+    parents: list[_ParentPlan]
+    match_on: list[str]
+
+
+def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
+    fields: list[tuple[str, Getter]] = []
+    parents: list[_ParentPlan] = []
+    for name, spec in entity.fields.items():
+        if spec.parent is None:
+            fields.append((name, _compile_field(flow, name, spec)))
+            continue
+        parent = flow.entity(spec.parent)
+        parents.append(
+            _ParentPlan(
+                field=name,
+                key=spec.key or "",
+                required=spec.required,
+                source_entity=parent.source.entity,
+                target_entity=parent.target.entity,
+                match_field=spec.match.field if spec.match else None,
+                match_value=spec.match.value if spec.match else None,
+            )
+        )
+    return _Plan(fields, parents, list(entity.target.match_on))
+
+
+def _plan_for(flow: Flow, entity: EntityMapping) -> _Plan:
+    """The compiled plan, kept on the entity mapping (built again if the flow's lookup tables
+    are other objects, as after a model copy with new lookups)."""
+    cached = entity._plan
+    if cached is None or cached[0] is not flow.lookups or cached[1] != flow.name:
+        cached = (flow.lookups, flow.name, _compile(flow, entity))
+        entity._plan = cached
+    return cached[2]
 
 
 def map_record(
     flow: Flow, entity: EntityMapping, record: dict[str, Any], *, today: date
 ) -> tuple[dict[str, Any], list[ParentRef]]:
+    plan = _plan_for(flow, entity)
     ctx = _Context(flow, entity, record, today)
-    payload: dict[str, Any] = {}
+    memo: dict[str, Any] = {}
+    payload = {name: get(ctx, memo) for name, get in plan.fields}
     parents: list[ParentRef] = []
-    for name, spec in entity.fields.items():
-        if spec.parent is not None:
-            parent = flow.entity(spec.parent)
-            try:
-                key = render_template(spec.key or "", record)
-                match_value = render_template(spec.match.value, record) if spec.match else None
-            except KeyError as exc:
-                raise ctx.fail(name, f"parent key names unknown column {exc.args[0]!r}") from None
-            if not key:
-                if spec.required:
-                    raise ctx.fail(name, "parent key is empty")
-                continue
-            parents.append(
-                ParentRef(
-                    field=name,
-                    flow=flow.name,
-                    source_entity=parent.source.entity,
-                    source_key=key,
-                    target_entity=parent.target.entity,
-                    match_field=spec.match.field if spec.match else None,
-                    match_value=match_value,
-                )
-            )
+    for ref in plan.parents:
+        try:
+            key = render_template(ref.key, record)
+            match_value = render_template(ref.match_value, record) if ref.match_value else None
+        except KeyError as exc:
+            raise ctx.fail(ref.field, f"parent key names unknown column {exc.args[0]!r}") from None
+        if not key:
+            if ref.required:
+                raise ctx.fail(ref.field, "parent key is empty")
             continue
-        payload[name] = _field(ctx, name, spec)
-    for match_field in entity.target.match_on:
-        if payload.get(match_field) in (None, ""):
+        parents.append(
+            ParentRef(
+                field=ref.field,
+                flow=flow.name,
+                source_entity=ref.source_entity,
+                source_key=key,
+                target_entity=ref.target_entity,
+                match_field=ref.match_field,
+                match_value=match_value,
+            )
+        )
+    for match_field in plan.match_on:
+        value = payload.get(match_field)
+        if value is None or value == "":
             raise ctx.fail(match_field, "the match field of the target is empty")
     return payload, parents
 

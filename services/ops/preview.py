@@ -30,7 +30,8 @@ async def preview(
             records.extend(page)
             if len(records) >= limit:
                 break
-        for record in records[:limit]:
+        for row in records[:limit]:
+            record = mapping.project(row)
             key = stream.key_of(record)
             event = ChangeEvent(
                 flow=flow.name,

@@ -50,6 +50,7 @@ class Poller:
         self.page_size = page_size
         self._running: dict[str, asyncio.Task[None]] = {}
         self._unanalyzed = 0
+        self._analyzed = 0
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -162,7 +163,7 @@ class Poller:
         published = 0
         started = utcnow()
         async for page in source.changed_since(stream, since):
-            events = await self._changed_events(flow, version, stream, page, day)
+            events = await self._changed_events(flow, version, entity, stream, page, day)
             if events:
                 await self._publish(flow, stream, events)
                 published += len(events)
@@ -191,12 +192,16 @@ class Poller:
         self,
         flow: Flow,
         version: int,
+        entity: EntityMapping,
         stream: StreamSpec,
         page: list[dict[str, Any]],
         day: date | None,
     ) -> list[ChangeEvent]:
+        """The page's records whose content changed since they were last published, reduced
+        to the columns the mapping reads (a change to any other column is no change)."""
         latest: dict[str, tuple[str, dict[str, Any]]] = {}
-        for record in page:
+        for row in page:
+            record = entity.project(row)
             digest = content_hash(record if day is None else [record, day.isoformat()])
             latest[stream.key_of(record)] = (digest, record)
         known = await self.ctx.pool.fetch(
@@ -246,10 +251,13 @@ class Poller:
             [e.key for e in events],
             [e.version for e in events],
         )
-        # A backfill grows the table faster than autovacuum analyzes it; stale statistics
-        # turn the lookup above into a scan of the whole flow.
+        # A backfill grows the table faster than autovacuum analyzes it. Plans are costed
+        # with the current table size (shared.db), but fresh statistics keep the estimates
+        # honest: analyze each time the rows published since the last ANALYZE reach the
+        # larger of ANALYZE_EVERY and the number published before it (so about log2 times).
         self._unanalyzed += len(events)
-        if self._unanalyzed >= ANALYZE_EVERY:
+        if self._unanalyzed >= max(ANALYZE_EVERY, self._analyzed):
+            self._analyzed += self._unanalyzed
             self._unanalyzed = 0
             await self.ctx.pool.execute("ANALYZE source_snapshots")
         self.ctx.audit.add(
@@ -333,7 +341,9 @@ class Poller:
                 stream = mapping.stream()
                 records = await source.fetch(stream, ids)
                 day = date.today() if is_time_dependent(mapping) else None
-                events = await self._changed_events(flow, stored.version, stream, records, day)
+                events = await self._changed_events(
+                    flow, stored.version, mapping, stream, records, day
+                )
                 if events:
                     await self._publish(flow, stream, events)
 

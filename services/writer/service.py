@@ -54,16 +54,26 @@ class Outcome:
 
 
 @dataclass
+class Ticket:
+    """The outcomes of one bus message's commands; ``done`` resolves when all are in."""
+
+    outcomes: list[Outcome | None]
+    remaining: int
+    done: asyncio.Future[list[Outcome]]
+
+
+@dataclass
 class Pending:
     command: UpsertCommand
-    future: asyncio.Future[Outcome]
+    ticket: Ticket
+    index: int
+    record: tuple[str, str, str]  # (flow, source entity, source key)
     message_id: str | None = None
     exists: bool = False  # the target record exists already (insert-only fields are dropped)
 
     @property
-    def record(self) -> tuple[str, str, str]:
-        c = self.command
-        return (c.flow, c.source_entity, c.source_key)
+    def settled(self) -> bool:
+        return self.ticket.outcomes[self.index] is not None
 
 
 GroupKey = tuple[str, str, tuple[str, ...]]
@@ -96,16 +106,29 @@ class Batcher:
         self.api_batches = 0
 
     def submit(
-        self, command: UpsertCommand, message_id: str | None = None
-    ) -> asyncio.Future[Outcome]:
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        pending = Pending(command, future, message_id)
-        self._known[pending.record] += 1
-        future.add_done_callback(lambda _: self._forget(pending.record))
-        self._add(pending)
-        return future
+        self, commands: list[UpsertCommand], message_id: str | None = None
+    ) -> asyncio.Future[list[Outcome]]:
+        """Queue one message's commands; the future gives their outcomes, in order."""
+        done: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        ticket = Ticket([None] * len(commands), len(commands), done)
+        if not commands:
+            done.set_result([])
+        for index, c in enumerate(commands):
+            pending = Pending(c, ticket, index, (c.flow, c.source_entity, c.source_key), message_id)
+            self._known[pending.record] += 1
+            self._add(pending)
+        return done
 
-    def _forget(self, record: tuple[str, str, str]) -> None:
+    def _settle(self, pending: Pending, outcome: Outcome) -> None:
+        """Give ``pending`` its outcome (the first one counts) and forget its record."""
+        ticket = pending.ticket
+        if ticket.outcomes[pending.index] is not None:
+            return
+        ticket.outcomes[pending.index] = outcome
+        ticket.remaining -= 1
+        if ticket.remaining == 0 and not ticket.done.done():
+            ticket.done.set_result(ticket.outcomes)  # type: ignore[arg-type]
+        record = pending.record
         self._known[record] -= 1
         if self._known[record] <= 0:
             del self._known[record]
@@ -157,13 +180,12 @@ class Batcher:
             except Exception as exc:  # the sink or the database failed for the whole batch
                 log.warning("write batch failed: %s", describe(exc))
                 outcome = Outcome("failed", classify(exc), describe(exc))
-                open_items = [item for item in items if not item.future.done()]
+                open_items = [item for item in items if not item.settled]
                 try:
                     await self._audit_outcomes([(item, outcome) for item in open_items])
                 finally:
                     for item in open_items:
-                        if not item.future.done():
-                            item.future.set_result(outcome)
+                        self._settle(item, outcome)
 
     async def _write(self, key: GroupKey, items: list[Pending]) -> None:
         connection, entity, match_on = key
@@ -198,8 +220,7 @@ class Batcher:
         results += [(p, Outcome("superseded")) for p in superseded]
         await self._audit_outcomes(results)
         for pending, outcome in results:
-            if not pending.future.done():
-                pending.future.set_result(outcome)
+            self._settle(pending, outcome)
         for pending in deferred:
             asyncio.get_running_loop().call_later(self.max_wait_s, self._add, pending)
 
@@ -465,8 +486,7 @@ class Writer:
             return
         # Make sure the sink is open so that its batch size is known before batching.
         await self.ctx.connector(batch.target_connection)
-        futures = [self.batcher.submit(c, batch.batch_id) for c in batch.commands]
-        outcomes = await asyncio.gather(*futures)
+        outcomes = await self.batcher.submit(batch.commands, batch.batch_id)
         failed = [(c, o) for c, o in zip(batch.commands, outcomes, strict=True) if o.failed]
         if len(failed) == len(batch.commands) and len({o.failure for _, o in failed}) == 1:
             # The whole message failed alike: route it as it is, no need to split.
