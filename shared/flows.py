@@ -19,7 +19,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -159,7 +158,12 @@ class EntityMapping(Strict):
     source: SourceSpec
     target: TargetSpec
     fields: dict[str, FieldSpec]
-    _plan: Any = PrivateAttr(default=None)  # the compiled mapping (shared.mapping)
+
+    @cached_property
+    def compiled(self) -> dict[Any, Any]:
+        """Compiled mappings of this entity (``shared.mapping``), by the flow they were built
+        for. A plain instance attribute once built: it is read once per record."""
+        return {}
 
     @cached_property
     def source_columns(self) -> tuple[str, ...]:

@@ -355,13 +355,13 @@ def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
 
 
 def _plan_for(flow: Flow, entity: EntityMapping) -> _Plan:
-    """The compiled plan, kept on the entity mapping (built again if the flow's lookup tables
-    are other objects, as after a model copy with new lookups)."""
-    cached = entity._plan
-    if cached is None or cached[0] is not flow.lookups or cached[1] != flow.name:
-        cached = (flow.lookups, flow.name, _compile(flow, entity))
-        entity._plan = cached
-    return cached[2]
+    """The compiled plan, kept on the entity mapping per flow name and lookup tables (an
+    entity shared by a copy of the flow with other lookups gets a plan of its own)."""
+    key = (flow.name, id(flow.lookups))
+    entry = entity.compiled.get(key)
+    if entry is None or entry[0] is not flow.lookups:  # holding the tables keeps their id
+        entry = entity.compiled[key] = (flow.lookups, _compile(flow, entity))
+    return entry[1]
 
 
 def map_record(

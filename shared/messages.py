@@ -8,6 +8,7 @@ fails is split out of its batch and travels alone (a batch of one) to retry or d
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from datetime import UTC, datetime
@@ -23,9 +24,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_ID_PREFIX = os.urandom(8).hex()  # this process
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
 def new_id() -> str:
-    """128 random bits as 32 hex digits (a uuid4 without the object: this runs per record)."""
-    return os.urandom(16).hex()
+    """A unique id of 32 hex digits: 64 random bits drawn when the process starts, then a
+    counter. Runs several times per record, so it costs a format, not a system call."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def canonical_json(value: Any) -> bytes:
@@ -65,6 +71,15 @@ class ChangeEvent(Message):
     observed_at: datetime = Field(default_factory=utcnow, description="orders versions of a key")
     operation: Literal["upsert", "delete"] = "upsert"
     record: dict[str, Any]
+
+    @classmethod
+    def build(cls, **values: Any) -> ChangeEvent:
+        """An event from values the poller made itself (a record as the source connector
+        returned and validated it), without a second validation pass: one per record."""
+        values.setdefault("event_id", new_id())
+        values.setdefault("schema_version", SCHEMA_VERSION)
+        values.setdefault("operation", "upsert")
+        return cls.model_construct(**values)
 
 
 class ChangeNotice(Message):

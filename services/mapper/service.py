@@ -22,6 +22,7 @@ from shared.messages import (
     ChangeEvent,
     CommandBatch,
     UpsertCommand,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,10 @@ class Mapper:
         commands: list[UpsertCommand],
         failed: list[tuple[ChangeEvent, Exception]],
     ) -> None:
+        now = utcnow()
         rows = [
             AuditEvent(
+                at=now,
                 stage="mapped",
                 status="ok",
                 actor=self.ctx.actor,

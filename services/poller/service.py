@@ -215,7 +215,7 @@ class Poller:
         source_system = await self.ctx.system_of(flow.source)
         now = utcnow()
         return [
-            ChangeEvent(
+            ChangeEvent.build(
                 flow=flow.name,
                 flow_version=version,
                 source_connection=flow.source,
@@ -260,8 +260,10 @@ class Poller:
             self._analyzed += self._unanalyzed
             self._unanalyzed = 0
             await self.ctx.pool.execute("ANALYZE source_snapshots")
+        now = utcnow()
         self.ctx.audit.add(
             AuditEvent(
+                at=now,
                 stage="polled",
                 status="published",
                 actor=self.ctx.actor,

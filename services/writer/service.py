@@ -36,7 +36,7 @@ from shared.failures import (
     classify,
     describe,
 )
-from shared.messages import CommandBatch, UpsertCommand
+from shared.messages import CommandBatch, UpsertCommand, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,7 @@ class Batcher:
     async def _audit_outcomes(self, results: list[tuple[Pending, Outcome]]) -> None:
         rows = []
         counts: dict[tuple[str, str], int] = defaultdict(int)
+        now = utcnow()
         for pending, outcome in results:
             c = pending.command
             stage = (
@@ -383,6 +384,7 @@ class Batcher:
             counts[(c.flow, stage)] += 1
             rows.append(
                 AuditEvent(
+                    at=now,
                     stage=stage,
                     status=outcome.status,
                     actor=self.ctx.actor,
