@@ -34,11 +34,17 @@ def _json_loads(value: str) -> Any:
     return json.loads(value)
 
 
-# asyncpg prepares every statement; after five runs PostgreSQL may switch a statement to a
-# generic plan costed with the statistics of that moment. On a first backfill those describe
-# nearly empty tables, and the lookups by key (record links, snapshots) froze into hash joins
-# that scan the whole table on every batch as it grows to millions of rows (measured: 4.8 ms
-# instead of 0.3 ms per batch of 100). Custom plans are costed with the table's current size.
+# Lookups of a batch of keys (record links, snapshots) must stay one index probe per key as a
+# table grows from nothing to millions of rows during a first backfill, when the statistics
+# always lag. Two things went wrong, both measured in bench/pipeline.py:
+# - asyncpg prepares every statement, and after five runs PostgreSQL may switch it to a generic
+#   plan costed with the statistics of that moment. Frozen while the table was nearly empty,
+#   the lookup became a hash join scanning the whole table on every batch (4.8 ms instead of
+#   0.3 ms per 100 keys). Custom plans are costed with the table's current size;
+# - statistics taken before the first invoice arrived say no row has entity 'ArInvoice', so a
+#   join against the keys was planned as a scan of every snapshot (140 ms per 5,000 keys). The
+#   lookups are written as a LATERAL subquery with LIMIT 1 on the primary key, which PostgreSQL
+#   can only run as one probe per key (10 ms per 5,000 keys), whatever the statistics say.
 SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
 

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 LEASE_S = 30  # renewed every LEASE_S / 3 while a poll runs; a dead poller's lease lapses
 PUBLISH_BATCH = 500  # events per bus message
-ANALYZE_EVERY = 20_000  # new snapshot rows between two ANALYZE runs
 
 
 class Poller:
@@ -49,8 +48,6 @@ class Poller:
         self.publish_batch = publish_batch
         self.page_size = page_size
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._unanalyzed = 0
-        self._analyzed = 0
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -204,9 +201,11 @@ class Poller:
             record = entity.project(row)
             digest = content_hash(record if day is None else [record, day.isoformat()])
             latest[stream.key_of(record)] = (digest, record)
+        # One primary-key probe per record, whatever the statistics say (see shared.db).
         known = await self.ctx.pool.fetch(
             """SELECT s.key, s.hash FROM unnest($3::text[]) AS k(key)
-               JOIN source_snapshots s ON s.flow = $1 AND s.entity = $2 AND s.key = k.key""",
+               CROSS JOIN LATERAL (SELECT key, hash FROM source_snapshots
+                   WHERE flow = $1 AND entity = $2 AND key = k.key LIMIT 1) s""",
             flow.name,
             stream.entity,
             list(latest),
@@ -251,15 +250,6 @@ class Poller:
             [e.key for e in events],
             [e.version for e in events],
         )
-        # A backfill grows the table faster than autovacuum analyzes it. Plans are costed
-        # with the current table size (shared.db), but fresh statistics keep the estimates
-        # honest: analyze each time the rows published since the last ANALYZE reach the
-        # larger of ANALYZE_EVERY and the number published before it (so about log2 times).
-        self._unanalyzed += len(events)
-        if self._unanalyzed >= max(ANALYZE_EVERY, self._analyzed):
-            self._analyzed += self._unanalyzed
-            self._unanalyzed = 0
-            await self.ctx.pool.execute("ANALYZE source_snapshots")
         now = utcnow()
         self.ctx.audit.add(
             AuditEvent(

@@ -412,10 +412,12 @@ class Batcher:
 async def _load_links(
     conn: asyncpg.Connection, records: list[tuple[str, str, str]]
 ) -> dict[tuple[str, str, str], asyncpg.Record]:
+    # One primary-key probe per record, whatever the statistics say (see shared.db).
     rows = await conn.fetch(
-        """SELECT l.* FROM record_links l
-           JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(flow, entity, key)
-             ON l.flow = k.flow AND l.source_entity = k.entity AND l.source_key = k.key""",
+        """SELECT l.* FROM unnest($1::text[], $2::text[], $3::text[]) AS k(flow, entity, key)
+           CROSS JOIN LATERAL (SELECT * FROM record_links
+               WHERE flow = k.flow AND source_entity = k.entity AND source_key = k.key
+               LIMIT 1) l""",
         [r[0] for r in records],
         [r[1] for r in records],
         [r[2] for r in records],
