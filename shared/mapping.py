@@ -43,16 +43,30 @@ def _parse_template(template: str) -> tuple[tuple[str, str | None, str], ...]:
 
 
 def render_template(template: str, record: dict[str, Any], *, field: str = "") -> str:
-    out = []
-    for literal, name, spec in _parse_template(template):
-        out.append(literal)
-        if name is None:
-            continue
-        value = record[name]  # KeyError: the template names an unknown column
-        text = "" if value is None else str(value).strip()
-        out.append(format(text, spec) if spec else text)
-    text = "".join(out)
-    return " ".join(text.split()) if "\n" not in template else text.strip()
+    return compile_template(template)(record)
+
+
+@lru_cache(maxsize=1024)
+def compile_template(template: str) -> Callable[[dict[str, Any]], str]:
+    """``template`` as a function of a record: values stripped, blanks of a one-line template
+    collapsed (an empty address line leaves no double space). KeyError names a column the
+    record does not have."""
+    parts = _parse_template(template)
+    one_line = "\n" not in template
+
+    def render(record: dict[str, Any]) -> str:
+        out = []
+        for literal, name, spec in parts:
+            out.append(literal)
+            if name is None:
+                continue
+            value = record[name]
+            text = "" if value is None else str(value).strip()
+            out.append(format(text, spec) if spec else text)
+        text = "".join(out)
+        return " ".join(text.split()) if one_line else text.strip()
+
+    return render
 
 
 # -- coercion ---------------------------------------------------------------------------------
@@ -83,6 +97,8 @@ def to_datetime(value: Any) -> datetime:
 
 
 def to_decimal(value: Any, places: int) -> float:
+    if type(value) is int:  # a whole number needs no rounding (not bool: True is no amount)
+        return float(value)
     try:
         number = Decimal(str(value).strip().replace(",", ""))
     except InvalidOperation:
@@ -103,31 +119,58 @@ def to_boolean(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a yes/no value")
 
 
-def coerce(value: Any, spec: FieldSpec) -> Any:
+def _as_is(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def _as_string(value: Any) -> str:
+    return str(value).strip()
+
+
+def _as_integer(value: Any) -> int:
+    number = Decimal(str(to_decimal(value, 6)))
+    if number != number.to_integral_value():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
+
+
+def _as_date(value: Any) -> str:
+    return to_date(value).isoformat()
+
+
+def _as_datetime(value: Any) -> str:
+    return to_datetime(value).isoformat(timespec="seconds")
+
+
+def _as_currency(value: Any) -> str:
+    text = str(value).strip().upper()
+    if len(text) != 3 or not text.isalpha():
+        raise ValueError(f"{value!r} is not a 3-letter currency code")
+    return text
+
+
+def coercer(spec: FieldSpec) -> Callable[[Any], Any]:
+    """The conversion of a field's value to its declared type (chosen once per field)."""
     kind = spec.type
-    if kind is None:
-        return value.strip() if isinstance(value, str) else value
-    if kind == "string":
-        return str(value).strip()
     if kind == "decimal":
-        return to_decimal(value, spec.places)
-    if kind == "integer":
-        number = Decimal(str(to_decimal(value, 6)))
-        if number != number.to_integral_value():
-            raise ValueError(f"{value!r} is not a whole number")
-        return int(number)
-    if kind == "date":
-        return to_date(value).isoformat()
-    if kind == "datetime":
-        return to_datetime(value).isoformat(timespec="seconds")
-    if kind == "boolean":
-        return to_boolean(value)
-    if kind == "currency":
-        text = str(value).strip().upper()
-        if len(text) != 3 or not text.isalpha():
-            raise ValueError(f"{value!r} is not a 3-letter currency code")
-        return text
-    raise ValueError(f"unknown type {kind!r}")  # pragma: no cover - validated by the model
+        places = spec.places
+        return lambda value: to_decimal(value, places)
+    converters: dict[str | None, Callable[[Any], Any]] = {
+        None: _as_is,
+        "string": _as_string,
+        "integer": _as_integer,
+        "date": _as_date,
+        "datetime": _as_datetime,
+        "boolean": to_boolean,
+        "currency": _as_currency,
+    }
+    if kind not in converters:  # pragma: no cover - validated by the flow model
+        raise ValueError(f"unknown type {kind!r}")
+    return converters[kind]
+
+
+def coerce(value: Any, spec: FieldSpec) -> Any:
+    return coercer(spec)(value)
 
 
 # -- computed values --------------------------------------------------------------------------
@@ -229,11 +272,11 @@ def _compile_value(flow: Flow, name: str, spec: FieldSpec) -> Getter:
 
         return from_column
     if spec.template is not None:
-        template = spec.template
+        render = compile_template(spec.template)
 
         def from_template(ctx: _Context, memo: dict[str, Any]) -> Any:
             try:
-                return render_template(template, ctx.record).strip()
+                return render(ctx.record)
             except KeyError as exc:
                 raise ctx.fail(name, f"template names unknown column {exc.args[0]!r}") from None
 
@@ -285,6 +328,7 @@ def _compile_field(flow: Flow, name: str, spec: FieldSpec) -> Getter:
     lookup_name = spec.lookup
     default, required = spec.default, spec.required
     max_length = spec.max_length
+    convert = coercer(spec)
 
     def field(ctx: _Context, memo: dict[str, Any]) -> Any:
         value = value_of(ctx, memo)
@@ -304,7 +348,7 @@ def _compile_field(flow: Flow, name: str, spec: FieldSpec) -> Getter:
             else:
                 return None
         try:
-            value = coerce(value, spec)
+            value = convert(value)
         except (ValueError, InvalidOperation) as exc:
             raise ctx.fail(name, str(exc)) from None
         if max_length and isinstance(value, str) and len(value) > max_length:
@@ -374,8 +418,8 @@ def map_record(
     parents: list[ParentRef] = []
     for ref in plan.parents:
         try:
-            key = render_template(ref.key, record)
-            match_value = render_template(ref.match_value, record) if ref.match_value else None
+            key = compile_template(ref.key)(record)
+            match_value = compile_template(ref.match_value)(record) if ref.match_value else None
         except KeyError as exc:
             raise ctx.fail(ref.field, f"parent key names unknown column {exc.args[0]!r}") from None
         if not key:

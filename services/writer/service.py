@@ -297,7 +297,7 @@ class Batcher:
                 if result.code:
                     text = f"{result.code}: {text}"
                 results.append((pending, Outcome("failed", failure, text)))
-        await _save_links(conn, written)
+        await _save_links(conn, connection, entity, written)
         return results
 
     async def _with_parents(
@@ -426,17 +426,25 @@ async def _load_links(
 
 
 async def _save_links(
-    conn: asyncpg.Connection, written: list[tuple[Pending, WriteOutcome]]
+    conn: asyncpg.Connection,
+    connection: str,
+    entity: str,
+    written: list[tuple[Pending, WriteOutcome]],
 ) -> None:
     if not written:
         return
     cs = [p.command for p, _ in written]
+    # A flush writes one target connection and entity: those two travel as scalars.
     await conn.execute(
         """INSERT INTO record_links (flow, source_entity, source_key, target_connection,
                target_entity, target_id, source_version, observed_at, payload_hash,
                last_command_id, updated_at)
-           SELECT * , now() FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-               $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[])
+           SELECT k.flow, k.entity, k.key, $4, $5, k.target_id, k.version, k.observed_at,
+                  k.payload_hash, k.command_id, now()
+           FROM unnest($1::text[], $2::text[], $3::text[], $6::text[], $7::text[],
+                       $8::timestamptz[], $9::text[], $10::text[])
+                AS k(flow, entity, key, target_id, version, observed_at, payload_hash,
+                     command_id)
            ON CONFLICT (flow, source_entity, source_key) DO UPDATE SET
                target_connection = EXCLUDED.target_connection,
                target_entity = EXCLUDED.target_entity,
@@ -449,8 +457,8 @@ async def _save_links(
         [c.flow for c in cs],
         [c.source_entity for c in cs],
         [c.source_key for c in cs],
-        [c.target_connection for c in cs],
-        [c.target_entity for c in cs],
+        connection,
+        entity,
         [o.target_id for _, o in written],
         [c.source_version for c in cs],
         [c.observed_at for c in cs],
