@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.pipeline [--customers 100000] [--invoices 300000] [--writers 1]
 
 Prints records/s end to end, Zoho write calls and API credits per 1,000 records, p50/p99 latency
-from poll to write, the peak RSS of each service; then a direct baseline (the same connectors
+from poll to write, the peak RSS of each service; then a resync (every record read, mapped and
+decided again: unchanged, so no call to Zoho); then a direct baseline (the same connectors
 reading, mapping and writing in one process with the same batching, no bus, no audit) and the
 ratio pipeline/baseline.
 """
@@ -19,11 +20,14 @@ from typing import Any
 from bench.harness import Bench, cpu_of_command, sandbox_connectors
 from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, Sandbox, duplicate_creates
 from shared.connectors.base import Sink, Source
+from shared.flow_store import FlowStore
 from shared.flows import load_flow_file
 from shared.mapping import map_record
 
 
-async def run_pipeline(bench: Bench, total: int, writers: int) -> dict[str, Any]:
+async def run_pipeline(
+    bench: Bench, total: int, writers: int, *, with_resync: bool = True
+) -> dict[str, Any]:
     assert bench.box is not None
     broker0, db0 = cpu_of_command("beam.smp"), cpu_of_command("postgres")
     started = time.monotonic()
@@ -54,8 +58,40 @@ async def run_pipeline(bench: Bench, total: int, writers: int) -> dict[str, Any]
     bench.cpu["postgres"] = cpu_of_command("postgres") - db0
     stats = await bench.box.zoho_stats()
     latency = await bench.latency()
+    resync = await run_resync(bench, total) if with_resync else None
     bench.stop_services()
-    return {"elapsed": elapsed, "stats": stats, "latency": latency}
+    return {"elapsed": elapsed, "stats": stats, "latency": latency, "resync": resync}
+
+
+async def run_resync(bench: Bench, total: int) -> dict[str, Any]:
+    """``flows resync``: the poller forgets cursor and snapshots and reads everything again;
+    every record goes through mapper and writer, which must find each one unchanged and
+    make no call to Zoho at all."""
+    assert bench.box is not None and bench.pool is not None
+    calls_before = (await bench.box.zoho_stats())["write_calls"]
+    mark = await bench.pool.fetchval("SELECT max(id) FROM audit_events")
+    started = time.monotonic()
+    await FlowStore(bench.pool).resync("syspro-zoho")
+    while True:
+        await asyncio.sleep(2)
+        decided = await bench.pool.fetchval(
+            "SELECT count(*) FROM audit_events WHERE id > $1 AND stage IN ('written', 'skipped')",
+            mark,
+        )
+        if decided >= total:
+            break
+        if time.monotonic() - started > 900:
+            raise SystemExit(f"resync: only {decided} of {total} records decided in 15 min")
+    rows = await bench.pool.fetch(
+        "SELECT stage, status, count(*) AS n FROM audit_events WHERE id > $1"
+        " AND stage IN ('written', 'skipped') GROUP BY stage, status",
+        mark,
+    )
+    return {
+        "elapsed": time.monotonic() - started,
+        "outcomes": {f"{r['stage']}/{r['status']}": r["n"] for r in rows},
+        "write_calls": (await bench.box.zoho_stats())["write_calls"] - calls_before,
+    }
 
 
 async def run_baseline(box: Sandbox) -> dict[str, Any]:
@@ -112,6 +148,7 @@ async def main() -> None:
     parser.add_argument("--invoices", type=int, default=300_000)
     parser.add_argument("--writers", type=int, default=1)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-resync", action="store_true", help="skip the unchanged re-read")
     args = parser.parse_args()
     total = args.customers + args.invoices
     bench = Bench()
@@ -119,7 +156,7 @@ async def main() -> None:
         box = await bench.start_emulators()
         await bench.prepare(args.customers, args.invoices)
         print(f"pipeline: poller, mapper, {args.writers} writer(s), each its own process")
-        result = await run_pipeline(bench, total, args.writers)
+        result = await run_pipeline(bench, total, args.writers, with_resync=not args.no_resync)
         stats = result["stats"]
         rate = total / result["elapsed"]
         minimum = -(-args.customers // 100) - (-args.invoices // 100)
@@ -144,6 +181,14 @@ async def main() -> None:
                 for k, v in sorted(bench.cpu.items())
             )
         )
+        if result["resync"]:
+            resync = result["resync"]
+            outcomes = ", ".join(f"{k} {v}" for k, v in sorted(resync["outcomes"].items()))
+            print(
+                f"RESYNC    every record read, mapped and decided again in"
+                f" {resync['elapsed']:.1f} s ({outcomes}); Zoho write calls"
+                f" {resync['write_calls']}"
+            )
         if not args.no_baseline:
             base = await run_baseline(box)
             base_rate = total / base["elapsed"]
