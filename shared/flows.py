@@ -191,13 +191,16 @@ class EntityMapping(Strict):
 
         for spec in self.fields.values():
             of_spec(spec)
-        return tuple(names)
+        # Sorted: the projection, and so the content hash, must not depend on the order of
+        # the fields, which a flow stored as jsonb does not keep.
+        return tuple(sorted(names))
 
     def project(self, record: dict[str, Any]) -> dict[str, Any]:
-        """The record as the pipeline carries it: only the columns this mapping reads, in a
-        fixed order, so that a change to a column nobody maps is no change (and its content
-        hash does not depend on the order the source sent the columns in). A column the
-        source did not send stays absent; mapping it then fails with its name."""
+        """The record as the pipeline carries it: only the columns this mapping reads, in
+        sorted order, so that a change to a column nobody maps is no change, and the content
+        hash depends neither on the order the source sent the columns in nor on the order of
+        the flow's fields. A column the source did not send stays absent; mapping it then
+        fails with its name."""
         return {name: record[name] for name in self.source_columns if name in record}
 
     @field_validator("name")

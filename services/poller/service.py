@@ -30,6 +30,12 @@ from shared.messages import ChangeBatch, ChangeEvent, NoticeBatch, content_hash,
 
 log = logging.getLogger(__name__)
 
+# One primary-key probe per record, whatever the statistics say (see shared.db).
+SNAPSHOTS_BY_KEY_SQL = """
+    SELECT s.key, s.hash FROM unnest($3::text[]) AS k(key)
+    CROSS JOIN LATERAL (SELECT key, hash FROM source_snapshots
+        WHERE flow = $1 AND entity = $2 AND key = k.key LIMIT 1) s"""
+
 LEASE_S = 30  # renewed every LEASE_S / 3 while a poll runs; a dead poller's lease lapses
 PUBLISH_BATCH = 500  # events per bus message
 
@@ -201,11 +207,8 @@ class Poller:
             record = entity.project(row)
             digest = content_hash(record if day is None else [record, day.isoformat()])
             latest[stream.key_of(record)] = (digest, record)
-        # One primary-key probe per record, whatever the statistics say (see shared.db).
         known = await self.ctx.pool.fetch(
-            """SELECT s.key, s.hash FROM unnest($3::text[]) AS k(key)
-               CROSS JOIN LATERAL (SELECT key, hash FROM source_snapshots
-                   WHERE flow = $1 AND entity = $2 AND key = k.key LIMIT 1) s""",
+            SNAPSHOTS_BY_KEY_SQL,
             flow.name,
             stream.entity,
             list(latest),

@@ -409,15 +409,18 @@ class Batcher:
             metrics.RECORDS.labels(flow, stage).inc(n)
 
 
+# One primary-key probe per record, whatever the statistics say (see shared.db).
+LINKS_BY_KEY_SQL = """
+    SELECT l.* FROM unnest($1::text[], $2::text[], $3::text[]) AS k(flow, entity, key)
+    CROSS JOIN LATERAL (SELECT * FROM record_links
+        WHERE flow = k.flow AND source_entity = k.entity AND source_key = k.key LIMIT 1) l"""
+
+
 async def _load_links(
     conn: asyncpg.Connection, records: list[tuple[str, str, str]]
 ) -> dict[tuple[str, str, str], asyncpg.Record]:
-    # One primary-key probe per record, whatever the statistics say (see shared.db).
     rows = await conn.fetch(
-        """SELECT l.* FROM unnest($1::text[], $2::text[], $3::text[]) AS k(flow, entity, key)
-           CROSS JOIN LATERAL (SELECT * FROM record_links
-               WHERE flow = k.flow AND source_entity = k.entity AND source_key = k.key
-               LIMIT 1) l""",
+        LINKS_BY_KEY_SQL,
         [r[0] for r in records],
         [r[1] for r in records],
         [r[2] for r in records],

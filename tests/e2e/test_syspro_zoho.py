@@ -7,9 +7,11 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from emulators.sandbox import duplicate_creates
+from shared.flow_store import FlowStore
 from tests.e2e.conftest import Pipeline, dump_audit, wait_until
 
 
@@ -93,7 +95,49 @@ async def test_backfill_lands_once_linked_then_no_writes_then_update(pipeline_fa
         f"syspro:ArCustomer:{key.strip()}",
     )
     assert [r["stage"] for r in stages][-3:] == ["polled", "mapped", "written"]
+
+    # An edit of a column the flow does not read (the salesperson) is no change: nothing is
+    # published for it, nothing written.
+    other = rows[18]["Customer"]
+    polled = await p.audit_count("polled")
+    await p.sandbox.control(
+        "syspro", "PATCH", f"/_control/tables/ArCustomer/{other}", {"Salesperson": "ZZZ"}
+    )
+    since = await p.pool.fetchval("SELECT now()")
+    await wait_until(
+        lambda: p.pool.fetchval(
+            "SELECT min(last_poll_at) > $1::timestamptz + interval '2 seconds' FROM cursors",
+            since,
+        ),
+        30,
+        "two polls after the salesperson edit",
+    )
+    assert await p.audit_count("polled") == polled
+    assert (await p.sandbox.zoho_stats())["write_calls"] == after["write_calls"]
+
+    # A resync reads, maps and decides every record again: all unchanged, no call to Zoho.
+    mark = await p.pool.fetchval("SELECT max(id) FROM audit_events")
+    await FlowStore(p.pool).resync("syspro-zoho")
+
+    async def decided_again() -> int:
+        return await p.pool.fetchval(
+            "SELECT count(*) FROM audit_events WHERE id > $1 AND stage IN ('written', 'skipped')",
+            mark,
+        )
+
+    await wait_until(lambda: _at_least(decided_again, 4000), 60, "4,000 records decided again")
+    outcomes = await p.pool.fetch(
+        "SELECT stage, status, count(*) AS n FROM audit_events WHERE id > $1"
+        " AND stage IN ('written', 'skipped') GROUP BY 1, 2",
+        mark,
+    )
+    assert {(r["stage"], r["status"]): r["n"] for r in outcomes} == {("skipped", "unchanged"): 4000}
+    assert (await p.sandbox.zoho_stats())["write_calls"] == after["write_calls"]
     await p.stop()
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await count() >= n
 
 
 async def test_invoice_before_its_customer_lands_linked(pipeline_factory) -> None:

@@ -6,11 +6,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from shared.failures import MappingError
 from shared.flows import FlowFileError, load_flow_file, parse_duration, parse_flow
 from shared.mapping import map_event, map_record
-from shared.messages import ChangeEvent
+from shared.messages import ChangeEvent, content_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOW = load_flow_file(ROOT / "flows/syspro-zoho.yaml")
@@ -175,3 +176,51 @@ def test_durations() -> None:
     assert parse_duration(30) == 30
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("ten minutes")
+
+
+def test_records_are_projected_to_the_columns_the_flow_reads() -> None:
+    customers, invoices = FLOW.entity("customers"), FLOW.entity("invoices")
+    assert set(customers.source_columns) == set(CUSTOMER)
+    # key, change field, columns, template placeholders, computed arguments, parent key
+    assert set(invoices.source_columns) == set(INVOICE)
+    wide = {"Salesperson": "S1", "TimeStamp": "AAAAAAAAB9E=", **dict(reversed(CUSTOMER.items()))}
+    projected = customers.project(wide)
+    assert list(projected) == sorted(CUSTOMER)  # sorted, whatever order the source sent
+    assert "Salesperson" not in projected and "TimeStamp" not in projected
+    # an edit nobody maps is no change: same projection, same content hash
+    assert content_hash(customers.project({**wide, "Salesperson": "S2"})) == content_hash(projected)
+    # a column the source did not send stays absent, and mapping it fails with its name
+    partial = customers.project({k: v for k, v in wide.items() if k != "Telephone"})
+    with pytest.raises(MappingError, match="source column 'Telephone' is missing"):
+        map_record(FLOW, customers, partial, today=date(2026, 1, 1))
+
+
+def test_a_flow_copy_with_other_lookup_tables_maps_with_its_own() -> None:
+    flow = load_flow_file(ROOT / "flows/syspro-zoho.yaml")
+    customers = flow.entity("customers")
+    assert map_record(flow, customers, CUSTOMER, today=date(2026, 1, 1))[0]["Payment_Terms"] == (
+        "Net 30"
+    )
+    copy = flow.model_copy(update={"lookups": {**flow.lookups, "terms_names": {"30": "30 days"}}})
+    assert copy.entity("customers") is customers  # the entity mapping is shared
+    payload, _ = map_record(copy, customers, CUSTOMER, today=date(2026, 1, 1))
+    assert payload["Payment_Terms"] == "30 days"
+    assert map_record(flow, customers, CUSTOMER, today=date(2026, 1, 1))[0]["Payment_Terms"] == (
+        "Net 30"
+    )
+
+
+def test_the_flow_version_does_not_depend_on_the_order_of_keys() -> None:
+    data = yaml.safe_load((ROOT / "flows/syspro-zoho.yaml").read_text())
+    reordered = {**data, "lookups": dict(reversed(list(data["lookups"].items())))}
+    assert parse_flow(reordered).definition_hash() == parse_flow(data).definition_hash()
+    # nor does the projection of a record (a flow read back from jsonb has its fields sorted)
+    fields = data["entities"][0]["fields"]
+    flipped = {
+        **data,
+        "entities": [{**data["entities"][0], "fields": dict(reversed(fields.items()))}],
+    }
+    one, two = parse_flow(data).entity("customers"), parse_flow(flipped).entity("customers")
+    assert content_hash(one.project(CUSTOMER)) == content_hash(two.project(CUSTOMER))
+    changed = {**data, "poll_interval": "5m"}
+    assert parse_flow(changed).definition_hash() != parse_flow(data).definition_hash()
