@@ -17,8 +17,8 @@ import time
 from datetime import date
 from typing import Any
 
-from bench.harness import Bench, cpu_of_command, sandbox_connectors
-from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, Sandbox, duplicate_creates
+from bench.harness import Bench, cpu_of_command, cpu_seconds, sandbox_connectors
+from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, duplicate_creates
 from shared.connectors.base import Sink, Source
 from shared.flow_store import FlowStore
 from shared.flows import load_flow_file
@@ -94,8 +94,10 @@ async def run_resync(bench: Bench, total: int) -> dict[str, Any]:
     }
 
 
-async def run_baseline(box: Sandbox) -> dict[str, Any]:
+async def run_baseline(bench: Bench) -> dict[str, Any]:
     """The same connectors and mapping in one process: read, map, upsert in batches of 100."""
+    box = bench.box
+    assert box is not None
     await box.control("zoho", "POST", "/_control/reset", {})
     for module, fields in ZOHO_CUSTOM_FIELDS.items():
         await box.control("zoho", "POST", "/_control/fields", {"module": module, "fields": fields})
@@ -104,6 +106,9 @@ async def run_baseline(box: Sandbox) -> dict[str, Any]:
     assert isinstance(source, Source) and isinstance(sink, Sink)
     ids: dict[str, str] = {}
     today = date.today()
+    emulators = {k: p.pid for k, p in bench.procs.items() if k.startswith("emulator")}
+    cpu0 = {k: cpu_seconds(pid) for k, pid in emulators.items()}
+    own0 = time.process_time()
     started = time.monotonic()
     slots = asyncio.Semaphore(4)
     try:
@@ -136,10 +141,18 @@ async def run_baseline(box: Sandbox) -> dict[str, Any]:
                 tasks.append(asyncio.create_task(write(batch, keys)))
             await asyncio.gather(*tasks)
         elapsed = time.monotonic() - started
+        cpu = {k: cpu_seconds(pid) - cpu0[k] for k, pid in emulators.items()}
+        cpu["baseline"] = time.process_time() - own0
     finally:
         await source.close()
         await sink.close()
-    return {"elapsed": elapsed, "stats": await box.zoho_stats()}
+    return {"elapsed": elapsed, "stats": await box.zoho_stats(), "cpu": cpu}
+
+
+def per_record(cpu: dict[str, float], total: int) -> str:
+    """CPU microseconds per record, in all and by process."""
+    parts = ", ".join(f"{k} {v / total * 1e6:.0f}" for k, v in sorted(cpu.items()))
+    return f"{sum(cpu.values()) / total * 1e6:.0f} us ({parts})"
 
 
 async def main() -> None:
@@ -153,7 +166,7 @@ async def main() -> None:
     total = args.customers + args.invoices
     bench = Bench()
     try:
-        box = await bench.start_emulators()
+        await bench.start_emulators()
         await bench.prepare(args.customers, args.invoices)
         print(f"pipeline: poller, mapper, {args.writers} writer(s), each its own process")
         result = await run_pipeline(bench, total, args.writers, with_resync=not args.no_resync)
@@ -190,7 +203,7 @@ async def main() -> None:
                 f" {resync['write_calls']}"
             )
         if not args.no_baseline:
-            base = await run_baseline(box)
+            base = await run_baseline(bench)
             base_rate = total / base["elapsed"]
             print(
                 f"BASELINE  {total} records in {base['elapsed']:.1f} s = {base_rate:,.0f}"
@@ -198,6 +211,12 @@ async def main() -> None:
                 f" write calls {base['stats']['write_calls']}"
             )
             print(f"RATIO     pipeline/baseline = {rate / base_rate:.2f}")
+            print(
+                "  CPU per record: pipeline "
+                + per_record(bench.cpu, total)
+                + "; baseline "
+                + per_record(base["cpu"], total)
+            )
     finally:
         await bench.close()
 

@@ -20,12 +20,13 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from bench.harness import Bench, sandbox_connectors
-from emulators.sandbox import FLOWS_DIR
+from emulators.sandbox import FLOWS_DIR, Sandbox
 from shared.connectors.base import Source
-from shared.flows import load_flow_file
+from shared.flows import EntityMapping, Flow, load_flow_file
+from shared.mapping import map_record
 from shared.messages import content_hash
 
 
@@ -61,6 +62,7 @@ async def main() -> None:
         known: dict[str, str] = {}
         async for page in source.changed_since(stream, None):
             known.update((stream.key_of(r), content_hash(customers.project(r))) for r in page)
+        initial = dict(known)
         unread = 0
         changes: list[Change] = []
         started = time.monotonic()
@@ -101,7 +103,12 @@ async def main() -> None:
         await asyncio.sleep(args.settle)  # let the last changes land
         stats = await box.zoho_stats()
         print(f"  {unread} edits touched only columns the flow does not read (nothing to do)")
-        report(changes, await decisions(bench), args, stats["write_calls"] - calls_before)
+        report(changes, initial, await decisions(bench), args, stats["write_calls"] - calls_before)
+        differ = await end_state(box, source, flow, customers)
+        print(
+            f"  end state: {differ} of {args.customers} Zoho accounts differ from their"
+            " SYSPRO customer"
+        )
         first = bench.samples[0][1] if bench.samples else {}
         last = bench.samples[-1][1] if bench.samples else {}
         print(
@@ -151,18 +158,32 @@ async def decisions(bench: Bench) -> dict[str, list[Decision]]:
 
 
 def report(
-    changes: list[Change], done: dict[str, list[Decision]], args: argparse.Namespace, calls: int
+    changes: list[Change],
+    initial: dict[str, str],
+    done: dict[str, list[Decision]],
+    args: argparse.Namespace,
+    calls: int,
 ) -> None:
     """Latency of each change: to the first decision on its version or a later version of the
-    same record (a later version carries this change too)."""
+    same record (a later version carries this change too). When a record comes back to a
+    version it had before (an on-hold flag set, then cleared), the edits on the way are
+    indistinguishable from that earlier version, and the poller rightly publishes nothing
+    for them: they are counted apart and left to the end-state check."""
     per_key: dict[str, list[Change]] = defaultdict(list)
     for change in changes:
         per_key[change.key].append(change)
     written: list[float] = []
     skipped: list[float] = []
     lost: list[Change] = []
+    reverting = 0
     for key, series in per_key.items():
+        history = [initial.get(key), *(c.version for c in series)]
         for i, change in enumerate(series):
+            before = set(history[: i + 1])
+            later = history[i + 2 :]
+            if change.version in before or any(v in before or v == change.version for v in later):
+                reverting += 1  # this edit, or one after it, went back to an earlier version
+                continue
             versions = {c.version for c in series[i:]}
             first = next(
                 (d for d in done.get(key, []) if d.at >= change.at and d.version in versions),
@@ -177,9 +198,10 @@ def report(
     both = sorted(written + skipped)
     written.sort()
     print(
-        f"STEADY  {len(changes)} changes at {args.rate}/s for {args.minutes:g} min;"
+        f"STEADY  {len(changes)} changes at {args.rate}/s for {args.minutes:g} min:"
         f" {len(written)} written, {len(skipped)} skipped (payload unchanged),"
-        f" {len(lost)} without a decision {args.settle:g} s after the end"
+        f" {len(lost)} without a decision {args.settle:g} s after the end;"
+        f" {reverting} edits back to an earlier version (end state only)"
     )
     print(
         f"  change -> write:    p50 {pct(written, 0.5):.2f} s, p99 {pct(written, 0.99):.2f} s,"
@@ -195,6 +217,29 @@ def report(
     )
     for change in lost[:5]:
         print(f"  no decision: {change.key} changed at {change.at:%H:%M:%S.%f}")
+
+
+# The Zoho fields the emulator's edits move (phone, credit, hold, contact, address).
+CHECKED = ("Phone", "Credit_Limit", "On_Hold", "ERP_Contact", "Email", "Billing_Street")
+
+
+async def end_state(box: Sandbox, source: Source, flow: Flow, entity: EntityMapping) -> int:
+    """Customers whose Zoho account differs from what the flow makes of the SYSPRO row now."""
+    stream = entity.stream()
+    accounts = {a["ERP_Customer_No"]: a for a in await box.zoho_records("Accounts")}
+    today = date.today()
+    differ = 0
+    async for page in source.changed_since(stream, None):
+        for row in page:
+            payload, _ = map_record(flow, entity, entity.project(row), today=today)
+            account = accounts.get(payload["ERP_Customer_No"], {})
+            if any(_norm(account.get(f)) != _norm(payload.get(f)) for f in CHECKED):
+                differ += 1
+    return differ
+
+
+def _norm(value: object) -> object:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 def pct(values: list[float], q: float) -> float:
