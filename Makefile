@@ -32,6 +32,9 @@ faults: venv services
 bench: venv services
 	$(BIN)/python -m bench.bus
 	$(BIN)/python -m bench.audit
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.scaling
+	$(BIN)/python -m bench.steady
 
 lint: venv
 	$(BIN)/ruff check .
