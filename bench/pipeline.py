@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.harness import Bench, cpu_of_command, cpu_seconds, sandbox_connectors
 from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, duplicate_creates
+from services.runtime import tune_garbage_collector
 from shared.connectors.base import Sink, Source
 from shared.flow_store import FlowStore
 from shared.flows import load_flow_file
@@ -98,6 +99,7 @@ async def run_baseline(bench: Bench) -> dict[str, Any]:
     """The same connectors and mapping in one process: read, map, upsert in batches of 100."""
     box = bench.box
     assert box is not None
+    tune_garbage_collector()  # as in every service process: a like-for-like comparison
     await box.control("zoho", "POST", "/_control/reset", {})
     for module, fields in ZOHO_CUSTOM_FIELDS.items():
         await box.control("zoho", "POST", "/_control/fields", {"module": module, "fields": fields})
