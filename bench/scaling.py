@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from typing import Any
 
 from bench.harness import Bench
+from emulators.sandbox import duplicate_creates
 
 
-async def one_run(writers: int, records: int, concurrency: int) -> float:
+async def one_run(writers: int, records: int, concurrency: int) -> tuple[float, dict[str, Any]]:
     bench = Bench()
     try:
         box = await bench.start_emulators()
@@ -34,7 +36,7 @@ async def one_run(writers: int, records: int, concurrency: int) -> float:
             bench.spawn("writer", f"writer-{i}", MLC_WRITER_CONCURRENCY=str(concurrency))
         while (await box.zoho_stats())["records"].get("Accounts", 0) < records:
             await asyncio.sleep(0.2)
-        return time.monotonic() - started
+        return time.monotonic() - started, await box.zoho_stats()
     finally:
         await bench.close()
 
@@ -50,11 +52,12 @@ async def main() -> None:
     )
     rates = {}
     for writers in (1, 2, 4):
-        elapsed = await one_run(writers, args.records, args.concurrency)
+        elapsed, stats = await one_run(writers, args.records, args.concurrency)
         rates[writers] = args.records / elapsed
         print(
             f"  {writers} writer(s): {elapsed:6.1f} s = {rates[writers]:7,.0f} records/s"
-            f"  ({rates[writers] / rates[1]:.2f}x)",
+            f"  ({rates[writers] / rates[1]:.2f}x); write calls {stats['write_calls']},"
+            f" duplicates {duplicate_creates(stats)}",
             flush=True,
         )
 

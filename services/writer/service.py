@@ -36,7 +36,7 @@ from shared.failures import (
     classify,
     describe,
 )
-from shared.messages import CommandBatch, UpsertCommand, utcnow
+from shared.messages import CommandBatch, ParentRef, UpsertCommand, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -206,15 +206,13 @@ class Batcher:
         try:
             async with self.ctx.pool.acquire() as conn:
                 locked = await self._lock_records(conn, list(mine))
-                try:
-                    for record in list(mine):
-                        if record not in locked:
-                            deferred.append(mine.pop(record))
-                    results = await self._write_records(
-                        conn, connection, entity, match_on, mine, deferred
-                    )
-                finally:
-                    await self._unlock_records(conn, locked)
+                for record in list(mine):
+                    if record not in locked:
+                        deferred.append(mine.pop(record))
+                results = await self._write_records(
+                    conn, connection, entity, match_on, mine, deferred
+                )
+            # the locks went with the connection back to the pool (see _lock_records)
         finally:
             self._in_flight.difference_update(mine)
         results += [(p, Outcome("superseded")) for p in superseded]
@@ -227,6 +225,10 @@ class Batcher:
     async def _lock_records(
         self, conn: asyncpg.Connection, records: list[tuple[str, str, str]]
     ) -> set[tuple[str, str, str]]:
+        """Session advisory locks on the records no other writer replica holds. They are held
+        while the connection is out of the pool: asyncpg resets a connection it takes back
+        (``pg_advisory_unlock_all()``), so they are released when the flush ends, whatever
+        happened in it, without a round trip of their own."""
         if not records:
             return set()
         names = ["\x1f".join(r) for r in records]
@@ -237,15 +239,6 @@ class Batcher:
         )
         got = {row["n"] for row in rows if row["ok"]}
         return {r for r, n in zip(records, names, strict=True) if n in got}
-
-    async def _unlock_records(
-        self, conn: asyncpg.Connection, records: set[tuple[str, str, str]]
-    ) -> None:
-        if records:
-            await conn.execute(
-                "SELECT pg_advisory_unlock(hashtextextended(n, 7)) FROM unnest($1::text[]) AS n",
-                ["\x1f".join(r) for r in records],
-            )
 
     async def _write_records(
         self,
@@ -259,7 +252,13 @@ class Batcher:
         results: list[tuple[Pending, Outcome]] = []
         if not mine:
             return results
-        links = await _load_links(conn, list(mine))
+        # the records' links and their parents' links, in one query
+        parents = {
+            (ref.flow, ref.source_entity, ref.source_key): ref
+            for p in mine.values()
+            for ref in p.command.parents
+        }
+        links = await _load_links(conn, list(mine.keys() | parents.keys()))
         to_write: list[Pending] = []
         for record, pending in mine.items():
             link = links.get(record)
@@ -277,7 +276,9 @@ class Batcher:
             return results
         sink = await self.ctx.connector(connection)
         assert isinstance(sink, Sink), f"connection {connection} cannot be a target"
-        payloads, ready = await self._with_parents(conn, sink, to_write, results, deferred)
+        payloads, ready = await self._with_parents(
+            sink, to_write, parents, links, results, deferred
+        )
         if not ready:
             return results
         outcomes = await sink.upsert(entity, payloads, list(match_on))
@@ -302,9 +303,10 @@ class Batcher:
 
     async def _with_parents(
         self,
-        conn: asyncpg.Connection,
         sink: Sink,
         pending: list[Pending],
+        refs: dict[tuple[str, str, str], ParentRef],
+        links: dict[tuple[str, str, str], asyncpg.Record],
         results: list[tuple[Pending, Outcome]],
         deferred: list[Pending],
     ) -> tuple[list[dict[str, Any]], list[Pending]]:
@@ -312,13 +314,7 @@ class Batcher:
         from the target (a parent created outside this flow). A parent that this writer is
         about to write makes the child wait for the next flush; one that nobody wrote fails
         the child as transient (retried later)."""
-        refs = {
-            (ref.flow, ref.source_entity, ref.source_key): ref
-            for p in pending
-            for ref in p.command.parents
-        }
-        known = await _load_links(conn, list(refs)) if refs else {}
-        ids = {r: row["target_id"] for r, row in known.items() if row["target_id"]}
+        ids = {r: links[r]["target_id"] for r in refs if r in links and links[r]["target_id"]}
         lookups = [
             (record, ref)
             for record, ref in refs.items()
