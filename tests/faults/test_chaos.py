@@ -26,7 +26,7 @@ from shared.audit import AuditWriter
 from shared.bus import Bus
 from tests.e2e.conftest import Pipeline, wait_until
 
-FULL = {"customers": 3000, "invoices": 9000, "kills": 3, "token_every": 30.0, "minutes": 12}
+FULL = {"customers": 8000, "invoices": 24000, "kills": 3, "token_every": 30.0, "minutes": 12}
 SHORT = {"customers": 300, "invoices": 900, "kills": 1, "token_every": 5.0, "minutes": 4}
 
 
@@ -148,6 +148,9 @@ async def test_no_loss_under_kills_restarts_and_faults(pipeline_factory, form: d
     done.set()
     print("\nchaos:", "; ".join(events))
     await _wait_pool(p)
+    total = form["customers"] + form["invoices"]
+    landed = await p.zoho_count("Accounts") + await p.zoho_count("Deals")
+    print(f"landed when the chaos ended: {landed} of {total} records")
 
     expected_accounts = form["customers"] - len(invalid)
     invoices = await box.syspro_rows("ArInvoice")
