@@ -62,15 +62,7 @@ async def test_backfill_lands_once_linked_then_no_writes_then_update(pipeline_fa
     await _check_links(p)
 
     # Two more polls with nothing changed: zero write calls.
-    polls_before = await p.pool.fetchval("SELECT max(last_poll_at) FROM cursors")
-    await wait_until(
-        lambda: p.pool.fetchval(
-            "SELECT min(last_poll_at) > $1::timestamptz + interval '2 seconds' FROM cursors",
-            polls_before,
-        ),
-        30,
-        "two more polls",
-    )
+    await _two_more_polls(p, await p.pool.fetchval("SELECT max(last_poll_at) FROM cursors"))
     assert (await p.sandbox.zoho_stats())["write_calls"] == stats["write_calls"]
 
     # A changed customer is updated, not duplicated.
@@ -103,15 +95,7 @@ async def test_backfill_lands_once_linked_then_no_writes_then_update(pipeline_fa
     await p.sandbox.control(
         "syspro", "PATCH", f"/_control/tables/ArCustomer/{other}", {"Salesperson": "ZZZ"}
     )
-    since = await p.pool.fetchval("SELECT now()")
-    await wait_until(
-        lambda: p.pool.fetchval(
-            "SELECT min(last_poll_at) > $1::timestamptz + interval '2 seconds' FROM cursors",
-            since,
-        ),
-        30,
-        "two polls after the salesperson edit",
-    )
+    await _two_more_polls(p, await p.pool.fetchval("SELECT now()"))
     assert await p.audit_count("polled") == polled
     assert (await p.sandbox.zoho_stats())["write_calls"] == after["write_calls"]
 
@@ -134,6 +118,18 @@ async def test_backfill_lands_once_linked_then_no_writes_then_update(pipeline_fa
     assert {(r["stage"], r["status"]): r["n"] for r in outcomes} == {("skipped", "unchanged"): 4000}
     assert (await p.sandbox.zoho_stats())["write_calls"] == after["write_calls"]
     await p.stop()
+
+
+async def _two_more_polls(p: Pipeline, since: Any) -> None:
+    """Every entity of the flow (polled every 2 s) polled at least 2 s after ``since``."""
+    await wait_until(
+        lambda: p.pool.fetchval(
+            "SELECT min(last_poll_at) > $1::timestamptz + interval '2 seconds' FROM cursors",
+            since,
+        ),
+        30,
+        "two more polls",
+    )
 
 
 async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
