@@ -42,10 +42,6 @@ def _parse_template(template: str) -> tuple[tuple[str, str | None, str], ...]:
     )
 
 
-def render_template(template: str, record: dict[str, Any], *, field: str = "") -> str:
-    return compile_template(template)(record)
-
-
 @lru_cache(maxsize=1024)
 def compile_template(template: str) -> Callable[[dict[str, Any]], str]:
     """``template`` as a function of a record: values stripped, blanks of a one-line template
@@ -167,10 +163,6 @@ def coercer(spec: FieldSpec) -> Callable[[Any], Any]:
     if kind not in converters:  # pragma: no cover - validated by the flow model
         raise ValueError(f"unknown type {kind!r}")
     return converters[kind]
-
-
-def coerce(value: Any, spec: FieldSpec) -> Any:
-    return coercer(spec)(value)
 
 
 # -- computed values --------------------------------------------------------------------------
@@ -361,12 +353,12 @@ def _compile_field(flow: Flow, name: str, spec: FieldSpec) -> Getter:
 @dataclass
 class _ParentPlan:
     field: str
-    key: str
+    key: Callable[[dict[str, Any]], str]  # the parent's source key, from the child's record
     required: bool
     source_entity: str
     target_entity: str
     match_field: str | None
-    match_value: str | None
+    match_value: Callable[[dict[str, Any]], str] | None
 
 
 @dataclass
@@ -387,12 +379,12 @@ def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
         parents.append(
             _ParentPlan(
                 field=name,
-                key=spec.key or "",
+                key=compile_template(spec.key or ""),
                 required=spec.required,
                 source_entity=parent.source.entity,
                 target_entity=parent.target.entity,
                 match_field=spec.match.field if spec.match else None,
-                match_value=spec.match.value if spec.match else None,
+                match_value=compile_template(spec.match.value) if spec.match else None,
             )
         )
     return _Plan(fields, parents, list(entity.target.match_on))
@@ -418,8 +410,8 @@ def map_record(
     parents: list[ParentRef] = []
     for ref in plan.parents:
         try:
-            key = compile_template(ref.key)(record)
-            match_value = compile_template(ref.match_value)(record) if ref.match_value else None
+            key = ref.key(record)
+            match_value = ref.match_value(record) if ref.match_value else None
         except KeyError as exc:
             raise ctx.fail(ref.field, f"parent key names unknown column {exc.args[0]!r}") from None
         if not key:

@@ -45,9 +45,10 @@ def canonical_hash(value: Any) -> str:
 
 def content_hash(value: Any) -> str:
     """Hash of a JSON-like value in its own key order: the version of a source record that has
-    no change timestamp, and the hash of a target payload. Both are built in a fixed order (the
-    flow's columns, the flow's fields), so equal content gives an equal hash. Runs per record:
-    serialized by pydantic-core, several times faster than ``json.dumps``."""
+    no change timestamp, and the hash of a target payload. Both are built in a fixed order (a
+    record's columns sorted by name, a payload's fields in the order of the stored flow), so
+    equal content gives an equal hash. Runs per record: serialized by pydantic-core, several
+    times faster than ``json.dumps``."""
     return hashlib.sha256(to_json(value, fallback=str)).hexdigest()[:32]
 
 
