@@ -100,6 +100,7 @@ class Bench:
     peaks: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     system_cpu: dict[str, float] = field(default_factory=dict)
+    cpu_start: dict[str, tuple[float, float]] = field(default_factory=dict)
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     box: Sandbox | None = None
     pool: asyncpg.Pool | None = None
@@ -199,12 +200,20 @@ class Bench:
             env=self.env(MLC_REPLICA=label, **env),
         )
 
+    def start_cpu_count(self) -> None:
+        """CPU is counted from now on for the processes running already (the emulators)."""
+        self.cpu_start = {
+            label: cpu_times(p.pid) for label, p in self.procs.items() if p.poll() is None
+        }
+
     def sample_memory(self) -> dict[str, float]:
         now = {label: rss_mb(p.pid) for label, p in self.procs.items() if p.poll() is None}
         for label, p in self.procs.items():
             if p.poll() is None:
-                self.cpu[label] = cpu_seconds(p.pid)
-                self.system_cpu[label] = cpu_times(p.pid)[1]
+                user, system = cpu_times(p.pid)
+                start_user, start_system = self.cpu_start.get(label, (0.0, 0.0))
+                self.cpu[label] = user + system - start_user - start_system
+                self.system_cpu[label] = system - start_system
         for label, value in now.items():
             self.peaks[label] = max(self.peaks.get(label, 0.0), value)
         self.samples.append((time.monotonic(), now))
