@@ -123,3 +123,26 @@ async def test_key_lookups_stay_index_probes_on_stale_statistics(clean_db: async
             plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
             assert "Index Scan" in plan, plan
             assert "Seq Scan" not in plan, plan
+
+
+async def test_writer_record_locks_go_with_the_connection_back_to_the_pool(
+    clean_db: asyncpg.Pool, database_url: str
+) -> None:
+    """The writer takes session advisory locks and never unlocks them itself: the pool's reset
+    on release must free them, or the record would stay locked for every other replica."""
+    from services.writer.service import Batcher
+
+    record = ("syspro-zoho", "ArCustomer", "C000001")
+    batcher = Batcher.__new__(Batcher)  # _lock_records uses nothing of the instance
+    other = await asyncpg.connect(database_url)  # another replica's connection
+    try:
+        name = "\x1f".join(record)
+        probe = "SELECT pg_try_advisory_lock(hashtextextended($1, 7))"
+        unlock = "SELECT pg_advisory_unlock(hashtextextended($1, 7))"
+        async with clean_db.acquire() as conn:
+            assert await batcher._lock_records(conn, [record]) == {record}
+            assert await other.fetchval(probe, name) is False  # held while the flush runs
+        assert await other.fetchval(probe, name) is True  # released with the connection
+        await other.fetchval(unlock, name)
+    finally:
+        await other.close()
