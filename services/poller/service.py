@@ -242,19 +242,12 @@ class Poller:
             for i in range(0, len(events), self.publish_batch)
         ]
         await self.ctx.bus.publish_many(("changes", routing_key, batch) for batch in batches)
-        # Every event is confirmed by the broker: remember what was published.
-        await self.ctx.pool.execute(
-            """INSERT INTO source_snapshots (flow, entity, key, hash, seen_at)
-               SELECT $1, $2, k, h, now() FROM unnest($3::text[], $4::text[]) AS t(k, h)
-               ON CONFLICT (flow, entity, key) DO UPDATE SET hash = EXCLUDED.hash,
-                   seen_at = EXCLUDED.seen_at""",
-            flow.name,
-            stream.entity,
-            [e.key for e in events],
-            [e.version for e in events],
-        )
+        # Every event is confirmed by the broker. Its audit row is committed before the snapshot
+        # says it was published: a poller killed in between publishes the record again on its
+        # next poll (the copy is dropped downstream), and never leaves a record in the target
+        # whose reading is missing from the audit trail.
         now = utcnow()
-        self.ctx.audit.add(
+        await self.ctx.audit.write(
             AuditEvent(
                 at=now,
                 stage="polled",
@@ -269,6 +262,16 @@ class Poller:
             )
             for batch in batches
             for e in batch.events
+        )
+        await self.ctx.pool.execute(
+            """INSERT INTO source_snapshots (flow, entity, key, hash, seen_at)
+               SELECT $1, $2, k, h, now() FROM unnest($3::text[], $4::text[]) AS t(k, h)
+               ON CONFLICT (flow, entity, key) DO UPDATE SET hash = EXCLUDED.hash,
+                   seen_at = EXCLUDED.seen_at""",
+            flow.name,
+            stream.entity,
+            [e.key for e in events],
+            [e.version for e in events],
         )
         metrics.RECORDS.labels(flow.name, "polled").inc(len(events))
 
