@@ -17,7 +17,15 @@ from typing import Any
 
 from shared.failures import MappingError
 from shared.flows import EntityMapping, FieldSpec, Flow
-from shared.messages import ChangeEvent, ParentRef, UpsertCommand, canonical_json
+from shared.messages import (
+    SCHEMA_VERSION,
+    ChangeEvent,
+    ParentRef,
+    UpsertCommand,
+    canonical_json,
+    construct,
+    new_id,
+)
 
 _FORMATTER = string.Formatter()
 
@@ -366,6 +374,10 @@ class _Plan:
     fields: list[tuple[str, Getter]]
     parents: list[_ParentPlan]
     match_on: list[str]
+    # what every command of the entity carries (shared by them: nothing changes a command)
+    target_entity: str
+    insert_only: list[str]
+    transformations: dict[int, str]  # per flow version: "flow/entity@vN"
 
 
 def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
@@ -387,7 +399,14 @@ def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
                 match_value=compile_template(spec.match.value) if spec.match else None,
             )
         )
-    return _Plan(fields, parents, list(entity.target.match_on))
+    return _Plan(
+        fields,
+        parents,
+        list(entity.target.match_on),
+        target_entity=entity.target.entity,
+        insert_only=[name for name, spec in entity.fields.items() if spec.insert_only],
+        transformations={},
+    )
 
 
 def _plan_for(flow: Flow, entity: EntityMapping) -> _Plan:
@@ -419,14 +438,18 @@ def map_record(
                 raise ctx.fail(ref.field, "parent key is empty")
             continue
         parents.append(
-            ParentRef(
-                field=ref.field,
-                flow=flow.name,
-                source_entity=ref.source_entity,
-                source_key=key,
-                target_entity=ref.target_entity,
-                match_field=ref.match_field,
-                match_value=match_value,
+            construct(
+                ParentRef,
+                {
+                    "field": ref.field,
+                    "flow": flow.name,
+                    "source_entity": ref.source_entity,
+                    "source_key": key,
+                    "target_entity": ref.target_entity,
+                    "match_field": ref.match_field,
+                    "match_value": match_value,
+                    "shape": "id_object",
+                },
             )
         )
     for match_field in plan.match_on:
@@ -445,23 +468,34 @@ def map_event(
     target_system: str,
 ) -> UpsertCommand:
     entity = flow.entity_for_source(event.entity)
+    plan = _plan_for(flow, entity)
     payload, parents = map_record(flow, entity, event.record, today=event.observed_at.date())
-    # Built from validated parts: construct without a second validation pass (hot path).
-    return UpsertCommand.build(
-        event_id=event.event_id,
-        flow=flow.name,
-        flow_version=flow_version,
-        transformation=f"{flow.name}/{entity.name}@v{flow_version}",
-        source_system=event.source_system,
-        source_entity=event.entity,
-        source_key=event.key,
-        source_version=event.version,
-        observed_at=event.observed_at,
-        target_connection=target_connection,
-        target_system=target_system,
-        target_entity=entity.target.entity,
-        match_on=list(entity.target.match_on),
-        payload=payload,
-        parents=parents,
-        insert_only=[name for name, spec in entity.fields.items() if spec.insert_only],
+    transformation = plan.transformations.get(flow_version)
+    if transformation is None:
+        transformation = f"{flow.name}/{entity.name}@v{flow_version}"
+        plan.transformations[flow_version] = transformation
+    # Built from validated parts, every field given: no second validation pass (hot path).
+    return construct(
+        UpsertCommand,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "command_id": new_id(),
+            "event_id": event.event_id,
+            "flow": flow.name,
+            "flow_version": flow_version,
+            "transformation": transformation,
+            "source_system": event.source_system,
+            "source_entity": event.entity,
+            "source_key": event.key,
+            "source_version": event.version,
+            "observed_at": event.observed_at,
+            "target_connection": target_connection,
+            "target_system": target_system,
+            "target_entity": plan.target_entity,
+            "match_on": plan.match_on,
+            "payload": payload,
+            "parents": parents,
+            "insert_only": plan.insert_only,
+            "payload_hash": UpsertCommand.hash_of(payload, parents),
+        },
     )

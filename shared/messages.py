@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
@@ -52,6 +52,24 @@ def content_hash(value: Any) -> str:
     return hashlib.sha256(to_json(value, fallback=str)).hexdigest()[:32]
 
 
+_M = TypeVar("_M", bound=BaseModel)
+_set_attribute = object.__setattr__
+
+
+def construct(cls: type[_M], values: dict[str, Any]) -> _M:
+    """A model from trusted values that name every field and nothing else: what
+    ``model_construct`` does, without its pass over each field's aliases and defaults (a third
+    of the cost of turning an event into a command). Anything else goes to ``model_construct``."""
+    if values.keys() != cls.__pydantic_fields__.keys():
+        return cls.model_construct(**values)
+    model = cls.__new__(cls)
+    _set_attribute(model, "__dict__", values)
+    _set_attribute(model, "__pydantic_fields_set__", set(values))
+    _set_attribute(model, "__pydantic_extra__", None)
+    _set_attribute(model, "__pydantic_private__", None)
+    return model
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
     kind: ClassVar[str] = "message"
@@ -80,7 +98,7 @@ class ChangeEvent(Message):
         values.setdefault("event_id", new_id())
         values.setdefault("schema_version", SCHEMA_VERSION)
         values.setdefault("operation", "upsert")
-        return cls.model_construct(**values)
+        return construct(cls, values)
 
 
 class ChangeNotice(Message):
@@ -146,7 +164,7 @@ class UpsertCommand(Message):
         values.setdefault("parents", [])
         values.setdefault("insert_only", [])
         values.setdefault("payload_hash", cls.hash_of(values["payload"], values["parents"]))
-        return cls.model_construct(**values)
+        return construct(cls, values)
 
     @property
     def source_ref(self) -> str:

@@ -11,7 +11,7 @@ import yaml
 from shared.failures import MappingError
 from shared.flows import FlowFileError, load_flow_file, parse_duration, parse_flow
 from shared.mapping import map_event, map_record
-from shared.messages import ChangeEvent, content_hash
+from shared.messages import ChangeEvent, ParentRef, UpsertCommand, construct, content_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOW = load_flow_file(ROOT / "flows/syspro-zoho.yaml")
@@ -224,3 +224,37 @@ def test_the_flow_version_does_not_depend_on_the_order_of_keys() -> None:
     assert content_hash(one.project(CUSTOMER)) == content_hash(two.project(CUSTOMER))
     changed = {**data, "poll_interval": "5m"}
     assert parse_flow(changed).definition_hash() != parse_flow(data).definition_hash()
+
+
+def test_a_mapped_command_is_the_model_the_writer_decodes() -> None:
+    """The mapper builds commands without validation; what it sends must decode to the same
+    command, every field set (parents included), and a partial set of values is completed."""
+    event = ChangeEvent(
+        flow="syspro-zoho",
+        flow_version=2,
+        source_connection="syspro",
+        source_system="syspro",
+        entity="ArInvoice",
+        key="C000123|100001|I",
+        version="v1",
+        observed_at=datetime(2026, 11, 1, tzinfo=UTC),
+        record=INVOICE,
+    )
+    command = map_event(FLOW, 2, event, target_connection="zoho", target_system="zoho_crm")
+    decoded = UpsertCommand.model_validate_json(command.model_dump_json())
+    assert decoded == command
+    assert decoded.model_fields_set == command.model_fields_set == set(UpsertCommand.model_fields)
+    assert decoded.parents[0] == ParentRef(
+        field="Account_Name",
+        flow="syspro-zoho",
+        source_entity="ArCustomer",
+        source_key=INVOICE["Customer"],
+        target_entity="Accounts",
+        match_field="ERP_Customer_No",
+        match_value=INVOICE["Customer"],
+    )
+    partial = construct(
+        ParentRef,
+        {"field": "F", "flow": "f", "source_entity": "E", "source_key": "1", "target_entity": "T"},
+    )
+    assert partial.shape == "id_object" and partial.match_field is None
