@@ -422,7 +422,12 @@ def _plan_for(flow: Flow, entity: EntityMapping) -> _Plan:
 def map_record(
     flow: Flow, entity: EntityMapping, record: dict[str, Any], *, today: date
 ) -> tuple[dict[str, Any], list[ParentRef]]:
-    plan = _plan_for(flow, entity)
+    return _map_with(_plan_for(flow, entity), flow, entity, record, today)
+
+
+def _map_with(
+    plan: _Plan, flow: Flow, entity: EntityMapping, record: dict[str, Any], today: date
+) -> tuple[dict[str, Any], list[ParentRef]]:
     ctx = _Context(flow, entity, record, today)
     memo: dict[str, Any] = {}
     payload = {name: get(ctx, memo) for name, get in plan.fields}
@@ -469,7 +474,7 @@ def map_event(
 ) -> UpsertCommand:
     entity = flow.entity_for_source(event.entity)
     plan = _plan_for(flow, entity)
-    payload, parents = map_record(flow, entity, event.record, today=event.observed_at.date())
+    payload, parents = _map_with(plan, flow, entity, event.record, event.observed_at.date())
     transformation = plan.transformations.get(flow_version)
     if transformation is None:
         transformation = f"{flow.name}/{entity.name}@v{flow_version}"

@@ -110,18 +110,24 @@ def test_mapping_errors_name_flow_entity_and_field() -> None:
         )
 
 
-def test_map_event_carries_lineage_and_stable_hash() -> None:
-    event = ChangeEvent(
+def _event(
+    flow_version: int, entity: str, key: str, version: str, record: dict[str, object]
+) -> ChangeEvent:
+    return ChangeEvent(
         flow="syspro-zoho",
-        flow_version=3,
+        flow_version=flow_version,
         source_connection="syspro",
         source_system="syspro",
-        entity="ArCustomer",
-        key="C000123",
-        version="h1",
+        entity=entity,
+        key=key,
+        version=version,
         observed_at=datetime(2026, 11, 1, tzinfo=UTC),
-        record=CUSTOMER,
+        record=record,
     )
+
+
+def test_map_event_carries_lineage_and_stable_hash() -> None:
+    event = _event(3, "ArCustomer", "C000123", "h1", CUSTOMER)
     one = map_event(FLOW, 3, event, target_connection="zoho", target_system="zoho_crm")
     two = map_event(FLOW, 3, event, target_connection="zoho", target_system="zoho_crm")
     assert one.transformation == "syspro-zoho/customers@v3"
@@ -229,17 +235,7 @@ def test_the_flow_version_does_not_depend_on_the_order_of_keys() -> None:
 def test_a_mapped_command_is_the_model_the_writer_decodes() -> None:
     """The mapper builds commands without validation; what it sends must decode to the same
     command, every field set (parents included), and a partial set of values is completed."""
-    event = ChangeEvent(
-        flow="syspro-zoho",
-        flow_version=2,
-        source_connection="syspro",
-        source_system="syspro",
-        entity="ArInvoice",
-        key="C000123|100001|I",
-        version="v1",
-        observed_at=datetime(2026, 11, 1, tzinfo=UTC),
-        record=INVOICE,
-    )
+    event = _event(2, "ArInvoice", "C000123|100001|I", "v1", INVOICE)
     command = map_event(FLOW, 2, event, target_connection="zoho", target_system="zoho_crm")
     decoded = UpsertCommand.model_validate_json(command.model_dump_json())
     assert decoded == command
