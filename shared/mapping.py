@@ -7,6 +7,7 @@ Anything that cannot be mapped raises ``MappingError`` naming the flow, entity a
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,16 +101,22 @@ def to_datetime(value: Any) -> datetime:
     return result if result.tzinfo else result.replace(tzinfo=UTC)
 
 
+_QUANTA = {places: Decimal(1).scaleb(-places) for places in range(13)}
+
+
 def to_decimal(value: Any, places: int) -> float:
-    if type(value) is int:  # a whole number needs no rounding (not bool: True is no amount)
+    kind = type(value)
+    if kind is int:  # a whole number needs no rounding (not bool: True is no amount)
         return float(value)
     try:
-        number = Decimal(str(value).strip().replace(",", ""))
+        # a float's text is its shortest repr: nothing to strip, no thousands separator
+        number = Decimal(repr(value) if kind is float else str(value).strip().replace(",", ""))
     except InvalidOperation:
         raise ValueError(f"{value!r} is not a number") from None
     if not number.is_finite():
         raise ValueError(f"{value!r} is not a finite number")
-    return float(number.quantize(Decimal(1).scaleb(-places)))
+    quantum = _QUANTA.get(places) or Decimal(1).scaleb(-places)
+    return float(number.quantize(quantum))
 
 
 def to_boolean(value: Any) -> bool:
@@ -176,16 +183,26 @@ def coercer(spec: FieldSpec) -> Callable[[Any], Any]:
 # -- computed values --------------------------------------------------------------------------
 
 
+def _amount(value: Any) -> int | float | Decimal:
+    """A number to compare, not to store: an int or a finite float as it is (the usual JSON
+    case, and the same answer as through Decimal), anything else parsed as ``to_decimal``
+    reads it (spaces around, thousands separators)."""
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return value  # type: ignore[no-any-return]
+    return Decimal(str(value or 0).strip().replace(",", ""))
+
+
 def _add_days(ctx: _Context, date: Any, days: Any) -> str | None:
     if date in (None, ""):
         return None
-    return (to_date(date) + timedelta(days=int(Decimal(str(days or 0))))).isoformat()
+    whole = days if type(days) is int else int(Decimal(str(days or 0)))
+    return (to_date(date) + timedelta(days=whole)).isoformat()
 
 
 def _payment_status(ctx: _Context, balance: Any, due_date: Any) -> str:
     """paid (nothing outstanding), overdue (outstanding past due), else open."""
-    outstanding = Decimal(str(balance or 0))
-    if outstanding <= 0:
+    if _amount(balance) <= 0:
         return "paid"
     if due_date not in (None, "") and to_date(due_date) < ctx.today:
         return "overdue"
@@ -193,7 +210,7 @@ def _payment_status(ctx: _Context, balance: Any, due_date: Any) -> str:
 
 
 def _days_overdue(ctx: _Context, balance: Any, due_date: Any) -> int:
-    if Decimal(str(balance or 0)) <= 0 or due_date in (None, ""):
+    if _amount(balance) <= 0 or due_date in (None, ""):
         return 0
     return max(0, (ctx.today - to_date(due_date)).days)
 

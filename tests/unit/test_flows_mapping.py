@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 
 from shared.failures import MappingError
 from shared.flows import FlowFileError, load_flow_file, parse_duration, parse_flow
-from shared.mapping import map_event, map_record
+from shared.mapping import map_event, map_record, to_decimal
 from shared.messages import ChangeEvent, ParentRef, UpsertCommand, construct, content_hash
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +80,85 @@ def test_invoice_stage_from_payment_status(
     assert [(p.field, p.source_entity, p.source_key) for p in parents] == [
         ("Account_Name", "ArCustomer", "C000123")
     ]
+
+
+@pytest.mark.parametrize(
+    ("balance", "status", "overdue_days"),
+    [
+        (0.0, "paid", 0),
+        (-0.0, "paid", 0),
+        (-12.5, "paid", 0),
+        (1e-9, "overdue", 20),
+        ("0.00", "paid", 0),
+        (" 1,250.00 ", "overdue", 20),
+        ("-3", "paid", 0),
+        (None, "paid", 0),
+        ("", "paid", 0),
+        (7, "overdue", 20),
+    ],
+)
+def test_balances_of_every_json_shape_give_the_same_status(
+    balance: object, status: str, overdue_days: int
+) -> None:
+    payload, _ = map_record(
+        FLOW, FLOW.entity("invoices"), {**INVOICE, "InvoiceBal1": balance}, today=date(2026, 11, 20)
+    )
+    assert (payload["Payment_Status"], payload["Days_Overdue"]) == (status, overdue_days)
+
+
+@pytest.mark.parametrize("balance", [float("nan"), "abc", True])
+def test_a_balance_that_is_no_number_fails_the_status_not_the_flow(balance: object) -> None:
+    flow = parse_flow(
+        {
+            "name": "demo",
+            "source": "a",
+            "target": "b",
+            "entities": [
+                {
+                    "name": "t",
+                    "source": {"entity": "T", "key": ["K"]},
+                    "target": {"entity": "A", "match_on": ["K"]},
+                    "fields": {
+                        "K": {"from": "K"},
+                        "Status": {
+                            "compute": "payment_status",
+                            "args": {"balance": "Bal", "due_date": "Due"},
+                        },
+                    },
+                }
+            ],
+        },
+        origin="inline.yaml",
+    )
+    record = {"K": "1", "Bal": balance, "Due": "2026-01-01"}
+    with pytest.raises(MappingError, match=r"field 'Status': payment_status: "):
+        map_record(flow, flow.entity("t"), record, today=date(2026, 11, 20))
+    ok, _ = map_record(flow, flow.entity("t"), {**record, "Bal": 5}, today=date(2026, 11, 20))
+    assert ok["Status"] == "overdue"
+
+
+@pytest.mark.parametrize(
+    ("value", "places", "expected"),
+    [
+        (2.675, 2, 2.68),  # rounded from its decimal text, half to even, as a person reads it
+        (0.125, 2, 0.12),
+        (1234.5, 2, 1234.5),
+        ("1,234.565", 2, 1234.56),
+        (" 10 ", 0, 10.0),
+        (3, 2, 3.0),
+        (1.23456789, 15, 1.23456789),
+    ],
+)
+def test_decimals_round_from_their_text(value: object, places: int, expected: float) -> None:
+    assert to_decimal(value, places) == expected
+
+
+@pytest.mark.parametrize("days", [30, 30.0, "30", " 30 ", Decimal("30")])
+def test_terms_days_of_any_shape_add_the_same_days(days: object) -> None:
+    flow = FLOW.model_copy(deep=True)
+    flow.lookups["terms_days"]["30"] = days
+    payload, _ = map_record(flow, flow.entity("invoices"), INVOICE, today=date(2026, 10, 2))
+    assert payload["Closing_Date"] == "2026-10-31"
 
 
 def test_unknown_terms_code_falls_back_to_default() -> None:
