@@ -405,9 +405,12 @@ class Batcher:
             metrics.RECORDS.labels(flow, stage).inc(n)
 
 
-# One primary-key probe per record, whatever the statistics say (see shared.db).
+# One primary-key probe per record, whatever the statistics say (see shared.db). Only the
+# columns the writer reads: decoding the other five doubled the client's cost of a lookup
+# (6.6 -> 3.6 us of CPU a key, 100 keys a batch, measured on 200,000 links).
 LINKS_BY_KEY_SQL = """
-    SELECT l.* FROM unnest($1::text[], $2::text[], $3::text[]) AS k(flow, entity, key)
+    SELECT l.flow, l.source_entity, l.source_key, l.target_id, l.observed_at, l.payload_hash
+    FROM unnest($1::text[], $2::text[], $3::text[]) AS k(flow, entity, key)
     CROSS JOIN LATERAL (SELECT * FROM record_links
         WHERE flow = k.flow AND source_entity = k.entity AND source_key = k.key LIMIT 1) l"""
 
