@@ -704,7 +704,9 @@ class SysproConnector:
                     status=status,
                     code="ODATA_BAD_RESPONSE",
                 )
-            rows.append({k: v for k, v in row.items() if not k.startswith("@")})
+            if "@" in "".join(row):  # a cheap test first: rows seldom carry annotations
+                row = {k: v for k, v in row.items() if not k.startswith("@")}
+            rows.append(row)
         next_link = body.get("@odata.nextLink")
         if next_link is not None and not isinstance(next_link, str):
             raise PermanentError(

@@ -603,6 +603,21 @@ async def test_snapshot_read_orders_by_key_only(
     assert dict(calls[1].query) == {"$orderby": "Customer,Invoice,DocumentType", "$top": "1000"}
 
 
+async def test_row_annotations_are_dropped_and_plain_rows_kept_as_sent(
+    connector: SysproConnector, http: aioresponses
+) -> None:
+    rows = [
+        {"@odata.etag": 'W/"1"', "Customer": "0000001", "Name": "A@B"},
+        {"Customer": "0000002", "Name": "x@y.example"},
+    ]
+    odata(http, "ArCustomer", lambda url: collection(rows[int(url.query.get("$skip", 0)) :]), [])
+    (page,) = await read_all(connector, CUSTOMERS, None)
+    assert page == [
+        {"Customer": "0000001", "Name": "A@B"},
+        {"Customer": "0000002", "Name": "x@y.example"},
+    ]
+
+
 async def test_next_link_paging_reads_every_row_once(
     connector: SysproConnector, http: aioresponses
 ) -> None:
