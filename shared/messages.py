@@ -14,7 +14,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
 SCHEMA_VERSION = 1
@@ -87,7 +87,10 @@ class ChangeEvent(Message):
     entity: str
     key: str
     version: str = Field(description="source change marker: a timestamp, or a content hash")
-    observed_at: datetime = Field(default_factory=utcnow, description="orders versions of a key")
+    # with its offset: a time without one would be read in whatever zone a process is in
+    observed_at: AwareDatetime = Field(
+        default_factory=utcnow, description="orders versions of a key"
+    )
     operation: Literal["upsert", "delete"] = "upsert"
     record: dict[str, Any]
 
@@ -139,7 +142,7 @@ class UpsertCommand(Message):
     source_entity: str
     source_key: str
     source_version: str
-    observed_at: datetime
+    observed_at: AwareDatetime
     target_connection: str
     target_system: str
     target_entity: str

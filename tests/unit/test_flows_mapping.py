@@ -12,7 +12,17 @@ import yaml
 from shared.failures import MappingError
 from shared.flows import FlowFileError, load_flow_file, parse_duration, parse_flow
 from shared.mapping import map_event, map_record, to_decimal
-from shared.messages import ChangeEvent, ParentRef, UpsertCommand, construct, content_hash
+from shared.messages import (
+    ChangeEvent,
+    CommandBatch,
+    MessageFormatError,
+    ParentRef,
+    UpsertCommand,
+    construct,
+    content_hash,
+    decode,
+    encode,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOW = load_flow_file(ROOT / "flows/syspro-zoho.yaml")
@@ -334,3 +344,16 @@ def test_a_mapped_command_is_the_model_the_writer_decodes() -> None:
         {"field": "F", "flow": "f", "source_entity": "E", "source_key": "1", "target_entity": "T"},
     )
     assert partial.shape == "id_object" and partial.match_field is None
+
+
+def test_a_command_without_a_time_zone_is_refused_at_the_boundary() -> None:
+    event = _event(1, "ArCustomer", "C000123", "h1", CUSTOMER)
+    command = map_event(FLOW, 1, event, target_connection="zoho", target_system="zoho_crm")
+    body = encode(
+        CommandBatch(target_connection="zoho", target_entity="Accounts", commands=[command])
+    )
+    assert decode("command_batch", body) == CommandBatch.model_validate_json(body)
+    naive = body.replace(b'"2026-11-01T00:00:00Z"', b'"2026-11-01T00:00:00"')
+    assert naive != body
+    with pytest.raises(MessageFormatError, match="observed_at"):
+        decode("command_batch", naive)
