@@ -143,6 +143,10 @@ async def test_writer_record_locks_go_with_the_connection_back_to_the_pool(
             assert await batcher._lock_records(conn, [record]) == {record}
             assert await other.fetchval(probe, name) is False  # held while the flush runs
         assert await other.fetchval(probe, name) is True  # released with the connection
+        # now the other replica holds it: this writer gets only the records nobody holds
+        free = ("syspro-zoho", "ArCustomer", "C000002")
+        async with clean_db.acquire() as conn:
+            assert await batcher._lock_records(conn, [record, free]) == {free}
         await other.fetchval(unlock, name)
     finally:
         await other.close()
