@@ -150,3 +150,57 @@ async def test_writer_record_locks_go_with_the_connection_back_to_the_pool(
         await other.fetchval(unlock, name)
     finally:
         await other.close()
+
+
+async def test_lineage_by_either_ref_finds_the_record_by_index(clean_db: asyncpg.Pool) -> None:
+    """``ml-connector audit`` given the Zoho id of a record shows the rows its source ref
+    carries (polled, mapped) with those of the target (written), and no query scans a table."""
+    from services.ops import audit_query
+
+    async with clean_db.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO connections (name, system) VALUES ('erp', 'syspro'), ('crm', 'zoho_crm')"
+        )
+        await conn.execute(
+            """INSERT INTO flows (name, version, definition, definition_hash, source_connection,
+                   target_connection, poll_interval_s)
+               VALUES ('f', 1, '{}', 'x', 'erp', 'crm', 60)"""
+        )
+        await conn.execute(
+            """INSERT INTO record_links (flow, source_entity, source_key, target_connection,
+                   target_entity, target_id)
+               VALUES ('f', 'ArCustomer', 'C1', 'crm', 'Accounts', '900'),
+                      ('f', 'ArCustomer', 'C2', 'crm', 'Accounts', '901')"""
+        )
+    writer = await AuditWriter(clean_db).start()
+    rows = [
+        ("polled", "syspro:ArCustomer:C1", None),
+        ("polled", "syspro:ArCustomer:C2", None),
+        ("mapped", "syspro:ArCustomer:C1", None),
+        ("written", "syspro:ArCustomer:C1", "zoho_crm:Accounts:900"),
+        ("written", "syspro:ArCustomer:C2", "zoho_crm:Accounts:901"),
+    ]
+    await writer.write(
+        AuditEvent(stage=stage, status="ok", actor="t", flow="f", source_ref=s, target_ref=t)
+        for stage, s, t in rows
+    )
+    await writer.close()
+
+    for ref in ("zoho_crm:Accounts:900", "syspro:ArCustomer:C1"):
+        found = await audit_query.lineage(clean_db, ref)
+        assert [(r["stage"], r["source_ref"]) for r in found] == [
+            ("polled", "syspro:ArCustomer:C1"),
+            ("mapped", "syspro:ArCustomer:C1"),
+            ("written", "syspro:ArCustomer:C1"),
+        ], ref
+    assert await audit_query.lineage(clean_db, "zoho_crm:Accounts:999") == []
+
+    async with clean_db.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")  # a scan shows only if unavoidable
+        for sql, args in (
+            (audit_query.LINKS_OF_REF_SQL, ("Accounts", "900", ["f"], ["crm"])),
+            (audit_query.AUDIT_OF_REFS_SQL, (["syspro:ArCustomer:C1"], ["zoho_crm:Accounts:900"])),
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+            assert "Seq Scan on record_links" not in plan, plan
+            assert "Seq Scan on audit_events" not in plan, plan
