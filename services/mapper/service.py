@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from services.runtime import ServiceContext
 from shared import metrics
 from shared.audit import AuditEvent
-from shared.bus import MAPPER_QUEUE, UnroutableError
+from shared.bus import H_REPLAYS, MAPPER_QUEUE, UnroutableError
 from shared.failures import FailureClass, MappingError, PermanentError, classify, describe
 from shared.flow_store import FlowNotFoundError
 from shared.mapping import map_event
@@ -49,8 +49,11 @@ class Mapper:
         batch = await self.ctx.decode_or_dead_letter(message, MAPPER_QUEUE, ChangeBatch)
         if batch is None:
             return
+        # A replayed message is mapped with the flow as it is now: the operator replays after
+        # fixing the cause, and a fixed mapping is a new version of the flow.
+        replayed = bool((message.headers or {}).get(H_REPLAYS))
         try:
-            commands, failed = await self.map_batch(batch)
+            commands, failed = await self.map_batch(batch, current=replayed)
             await self.publish(commands)
         except (FlowNotFoundError, UnroutableError, PermanentError) as exc:
             await bus.route_failure(
@@ -73,8 +76,10 @@ class Mapper:
         await message.ack()
 
     async def map_batch(
-        self, batch: ChangeBatch
+        self, batch: ChangeBatch, *, current: bool = False
     ) -> tuple[list[UpsertCommand], list[tuple[ChangeEvent, Exception]]]:
+        """Map each event with the flow version it was polled under (a flow applied while
+        events are in flight changes nothing for them), or with the current version."""
         stored = await self.ctx.flows.get(batch.flow)
         if not stored.enabled:
             raise PermanentError(f"flow {batch.flow!r} is disabled; enable it, then replay")
@@ -82,12 +87,16 @@ class Mapper:
         commands: list[UpsertCommand] = []
         failed: list[tuple[ChangeEvent, Exception]] = []
         for event in batch.events:
-            flow = await self.ctx.flows.get_version(event.flow, event.flow_version)
+            if current:
+                flow, version = stored.flow, stored.version
+            else:
+                version = event.flow_version
+                flow = await self.ctx.flows.get_version(event.flow, version)
             try:
                 commands.append(
                     map_event(
                         flow,
-                        event.flow_version,
+                        version,
                         event,
                         target_connection=flow.target,
                         target_system=target_system,

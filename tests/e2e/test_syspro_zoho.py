@@ -277,3 +277,60 @@ async def test_killing_the_writer_mid_batch_loses_and_duplicates_nothing(
     assert stats["records"]["Accounts"] == 800 and stats["records"]["Deals"] == 800
     assert duplicate_creates(stats) == 0
     await _check_links(p)
+
+
+async def test_a_mapping_dead_letter_replayed_after_the_flow_is_fixed_lands(
+    pipeline_factory,
+) -> None:
+    """A customer without a name fails the mapping (Account_Name is required) and is
+    dead-lettered. The operator fixes the flow (a default name, a new version) and replays the
+    letter: it is mapped with the flow as it is now, not the version it was polled under."""
+    from emulators.sandbox import FLOWS_DIR
+    from services.ops.dlq import DeadLetterBrowser, Filters
+    from services.runtime import topology_from
+    from shared.audit import AuditWriter
+    from shared.bus import Bus
+    from shared.flows import load_flow_file
+
+    p: Pipeline = await pipeline_factory(customers=30, invoices=0)
+    rows = await p.sandbox.syspro_rows("ArCustomer")
+    bad = rows[7]["Customer"].strip()
+    await p.sandbox.control("syspro", "PATCH", f"/_control/tables/ArCustomer/{bad}", {"Name": " "})
+    for service in ("poller", "mapper", "writer"):
+        p.start(service)
+    await wait_until(lambda: _landed(p, 29, 0), 60, "the 29 customers that have a name")
+    await p.stop("poller")  # from now on only the replay can bring the record
+
+    flow = load_flow_file(FLOWS_DIR / "syspro-zoho.yaml")
+    fields = flow.entity("customers").fields
+    fields["Account_Name"] = fields["Account_Name"].model_copy(update={"default": "(no name)"})
+    version, _ = await FlowStore(p.pool).apply(flow, file="fixed.yaml")
+    assert version == 2
+
+    bus = await Bus(p.settings.amqp_url.get_secret_value(), topology_from(p.settings)).connect()
+    audit = await AuditWriter(p.pool).start()
+    try:
+        async with DeadLetterBrowser(bus) as browser:
+            (letter,) = await browser.read(Filters())
+            assert letter.records == [f"syspro:ArCustomer:{bad}"]
+            assert "required value is empty" in letter.headers["x-mlc-error"]
+            await browser.replay(letter, audit=audit, actor="operator:test")
+    finally:
+        await audit.close()
+        await bus.close()
+
+    async def landed() -> bool:
+        accounts = _by(await p.sandbox.zoho_records("Accounts"), "ERP_Customer_No")
+        return accounts.get(bad, {}).get("Account_Name") == "(no name)"
+
+    await wait_until(landed, 30, "the replayed customer in Zoho")
+    mapped = await p.pool.fetch(
+        "SELECT status, transformation FROM audit_events"
+        " WHERE stage = 'mapped' AND source_ref = $1 ORDER BY id",
+        f"syspro:ArCustomer:{bad}",
+    )
+    assert [(r["status"], r["transformation"]) for r in mapped] == [
+        ("dead_lettered", None),
+        ("ok", "syspro-zoho/customers@v2"),
+    ]
+    assert duplicate_creates(await p.sandbox.zoho_stats()) == 0
