@@ -116,30 +116,27 @@ def test_balances_of_every_json_shape_give_the_same_status(
     assert (payload["Payment_Status"], payload["Days_Overdue"]) == (status, overdue_days)
 
 
+def _one_entity(fields: dict[str, object], match_on: str) -> dict[str, object]:
+    """A flow definition of one entity T (key K) into A, with these fields."""
+    return {
+        "name": "demo",
+        "source": "a",
+        "target": "b",
+        "entities": [
+            {
+                "name": "t",
+                "source": {"entity": "T", "key": ["K"]},
+                "target": {"entity": "A", "match_on": [match_on]},
+                "fields": fields,
+            }
+        ],
+    }
+
+
 @pytest.mark.parametrize("balance", [float("nan"), "abc", True])
 def test_a_balance_that_is_no_number_fails_the_status_not_the_flow(balance: object) -> None:
-    flow = parse_flow(
-        {
-            "name": "demo",
-            "source": "a",
-            "target": "b",
-            "entities": [
-                {
-                    "name": "t",
-                    "source": {"entity": "T", "key": ["K"]},
-                    "target": {"entity": "A", "match_on": ["K"]},
-                    "fields": {
-                        "K": {"from": "K"},
-                        "Status": {
-                            "compute": "payment_status",
-                            "args": {"balance": "Bal", "due_date": "Due"},
-                        },
-                    },
-                }
-            ],
-        },
-        origin="inline.yaml",
-    )
+    status = {"compute": "payment_status", "args": {"balance": "Bal", "due_date": "Due"}}
+    flow = parse_flow(_one_entity({"K": {"from": "K"}, "Status": status}, "K"), origin="x.yaml")
     record = {"K": "1", "Bal": balance, "Due": "2026-01-01"}
     with pytest.raises(MappingError, match=r"field 'Status': payment_status: "):
         map_record(flow, flow.entity("t"), record, today=date(2026, 11, 20))
@@ -246,19 +243,7 @@ def test_flow_file_errors_name_file_flow_and_field(tmp_path: Path) -> None:
         FlowFileError, match=r"entities\[0\]\.fields\.X: Value error, give exactly one"
     ):
         parse_flow(
-            {
-                "name": "demo",
-                "source": "a",
-                "target": "b",
-                "entities": [
-                    {
-                        "name": "t",
-                        "source": {"entity": "T", "key": ["K"]},
-                        "target": {"entity": "A", "match_on": ["X"]},
-                        "fields": {"X": {"from": "K", "template": "{K}"}},
-                    }
-                ],
-            },
+            _one_entity({"X": {"from": "K", "template": "{K}"}}, "X"),
             origin="inline.yaml",
         )
     (tmp_path / "y.yaml").write_text("name: [unclosed\n")
