@@ -458,22 +458,23 @@ async def _save_links(
                updated_at = now()
            WHERE record_links.observed_at IS NULL
               OR record_links.observed_at <= EXCLUDED.observed_at""",
-        [
-            {
-                "flow": c.flow,
-                "entity": c.source_entity,
-                "key": c.source_key,
-                "target_id": outcome.target_id,
-                "version": c.source_version,
-                "observed_at": c.observed_at,
-                "payload_hash": c.payload_hash,
-                "command_id": c.command_id,
-            }
-            for c, outcome in ((p.command, o) for p, o in written)
-        ],
+        [_link_row(pending.command, outcome) for pending, outcome in written],
         connection,
         entity,
     )
+
+
+def _link_row(c: UpsertCommand, outcome: WriteOutcome) -> dict[str, Any]:
+    return {
+        "flow": c.flow,
+        "entity": c.source_entity,
+        "key": c.source_key,
+        "target_id": outcome.target_id,
+        "version": c.source_version,
+        "observed_at": c.observed_at,
+        "payload_hash": c.payload_hash,
+        "command_id": c.command_id,
+    }
 
 
 class Writer:
