@@ -465,8 +465,13 @@ async def _with_letters(kwargs: dict[str, Any], action: Any) -> Any:
 @_dlq_filters
 @click.option("--json", "as_json", is_flag=True)
 def dlq_list(as_json: bool, **kwargs: Any) -> None:
+    from services.ops.dlq import superseded
+
     async def action(ctx: Any, browser: Any, letters: list[Any]) -> list[dict[str, Any]]:
-        return [letter.summary() for letter in letters]
+        return [
+            {**letter.summary(), "superseded": await superseded(ctx.pool, letter)}
+            for letter in letters
+        ]
 
     rows = _run(_with_letters(kwargs, action))
     if as_json:
@@ -480,6 +485,11 @@ def dlq_list(as_json: bool, **kwargs: Any) -> None:
             f"{r['message_id'][:12]:<13} {r['queue']:<34} {r['error_class']:<10}"
             f" attempts {r['attempts']}  {len(r['records'])} record(s)  {r['error']}"
         )
+        if r["superseded"]:
+            click.echo(
+                f"{'':13} {len(r['superseded'])} of them landed since at a newer version:"
+                " replaying those changes nothing; discard them"
+            )
     click.echo(f"{len(rows)} dead letter(s)")
 
 

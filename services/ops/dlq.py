@@ -10,8 +10,10 @@ from datetime import datetime
 from typing import Any
 
 import aio_pika
+import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from services.writer.service import LINKS_BY_KEY_SQL
 from shared import bus as busmod
 from shared.audit import AuditEvent, AuditWriter
 from shared.bus import Bus
@@ -225,6 +227,33 @@ async def disabled_flows(flows: FlowStore, letter: DeadLetter) -> list[str]:
         if not stored.enabled:
             out.append(name)
     return out
+
+
+async def superseded(pool: asyncpg.Pool, letter: DeadLetter) -> list[str]:
+    """The letter's records that were written since at a newer version (a later reading of
+    the source landed): replaying them changes nothing, and a change that failed its mapping
+    would fail again with the old data it carries."""
+    d = letter.decoded
+    if isinstance(d, ChangeBatch):
+        seen = {(e.flow, e.entity, e.key): (e.observed_at, e.source_system) for e in d.events}
+    elif isinstance(d, CommandBatch):
+        seen = {
+            (c.flow, c.source_entity, c.source_key): (c.observed_at, c.source_system)
+            for c in d.commands
+        }
+    else:
+        return []
+    keys = list(seen)
+    rows = await pool.fetch(
+        LINKS_BY_KEY_SQL, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+    )
+    out = []
+    for row in rows:
+        key = (row["flow"], row["source_entity"], row["source_key"])
+        observed_at, system = seen[key]
+        if row["target_id"] and row["observed_at"] and row["observed_at"] > observed_at:
+            out.append(f"{system}:{key[1]}:{key[2]}")
+    return sorted(out)
 
 
 Printer = Callable[[str], None]

@@ -232,7 +232,21 @@ async def test_status_dlq_and_audit(cli: Cli, sandbox: Sandbox, clean_db: asyncp
     letters = json.loads(out)
     assert len(letters) == 1 and letters[0]["error"] == "bad data for test"
     assert letters[0]["records"] == ["syspro:ArCustomer:0000001"]
+    assert letters[0]["superseded"] == []
     message_id = letters[0]["message_id"]
+
+    # A later reading of the record lands: the letter is marked as superseded.
+    await clean_db.execute(
+        """INSERT INTO record_links (flow, source_entity, source_key, target_connection,
+               target_entity, target_id, observed_at)
+           VALUES ('syspro-zoho', 'ArCustomer', '0000001', 'zoho', 'Accounts', '77',
+                   now() + interval '1 minute')"""
+    )
+    code, out, _ = await cli("dlq", "list", "--json")
+    assert json.loads(out)[0]["superseded"] == ["syspro:ArCustomer:0000001"]
+    code, out, _ = await cli("dlq", "list")
+    assert "1 of them landed since at a newer version" in out
+    await clean_db.execute("DELETE FROM record_links")
 
     code, out, _ = await cli("dlq", "replay", "--dry-run")
     assert "would replay 1" in out
