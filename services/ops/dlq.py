@@ -13,7 +13,7 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from services.writer.service import LINKS_BY_KEY_SQL
+from services.writer.service import load_links
 from shared import bus as busmod
 from shared.audit import AuditEvent, AuditWriter
 from shared.bus import Bus
@@ -243,15 +243,12 @@ async def superseded(pool: asyncpg.Pool, letter: DeadLetter) -> list[str]:
         }
     else:
         return []
-    keys = list(seen)
-    rows = await pool.fetch(
-        LINKS_BY_KEY_SQL, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
-    )
+    async with pool.acquire() as conn:
+        links = await load_links(conn, list(seen))
     out = []
-    for row in rows:
-        key = (row["flow"], row["source_entity"], row["source_key"])
+    for key, link in links.items():
         observed_at, system = seen[key]
-        if row["target_id"] and row["observed_at"] and row["observed_at"] > observed_at:
+        if link["target_id"] and link["observed_at"] and link["observed_at"] > observed_at:
             out.append(f"{system}:{key[1]}:{key[2]}")
     return sorted(out)
 

@@ -259,7 +259,7 @@ class Batcher:
             for p in mine.values()
             for ref in p.command.parents
         }
-        links = await _load_links(conn, list(mine.keys() | parents.keys()))
+        links = await load_links(conn, list(mine.keys() | parents.keys()))
         to_write: list[Pending] = []
         for record, pending in mine.items():
             link = links.get(record)
@@ -416,7 +416,7 @@ LINKS_BY_KEY_SQL = """
         WHERE flow = k.flow AND source_entity = k.entity AND source_key = k.key LIMIT 1) l"""
 
 
-async def _load_links(
+async def load_links(
     conn: asyncpg.Connection, records: list[tuple[str, str, str]]
 ) -> dict[tuple[str, str, str], asyncpg.Record]:
     rows = await conn.fetch(
