@@ -13,8 +13,10 @@ import asyncio
 import time
 from typing import Any
 
-from bench.harness import Bench
+from bench.harness import AMQP, Bench
 from emulators.sandbox import duplicate_creates
+from services.runtime import topology_from
+from shared.bus import MAPPER_QUEUE, Bus, writer_queue
 
 
 async def one_run(writers: int, records: int, concurrency: int) -> tuple[float, dict[str, Any]]:
@@ -24,12 +26,7 @@ async def one_run(writers: int, records: int, concurrency: int) -> tuple[float, 
         await bench.prepare(records, 0)
         bench.spawn("poller")
         bench.spawn("mapper")
-        assert bench.pool is not None
-        while (
-            await bench.pool.fetchval("SELECT count(*) FROM audit_events WHERE stage = 'mapped'")
-            < records
-        ):
-            await asyncio.sleep(0.5)
+        await commands_queued(bench, records)
         await box.control("zoho", "POST", "/_control/faults", {"latency_ms": 200})
         started = time.monotonic()
         for i in range(writers):
@@ -39,6 +36,31 @@ async def one_run(writers: int, records: int, concurrency: int) -> tuple[float, 
         return time.monotonic() - started, await box.zoho_stats()
     finally:
         await bench.close()
+
+
+async def commands_queued(bench: Bench, records: int) -> None:
+    """Wait until the mapper has queued the commands of every record for the writers: the
+    mapper's queue is empty and the writers' queue holds at least a message per 100 records,
+    unchanged for a second (the mapper audits no mapped record: the writer's rows say it)."""
+    topology = topology_from(bench.settings)
+    mapper_q, writer_q = topology.queue(MAPPER_QUEUE), topology.queue(writer_queue("zoho_crm"))
+    bus = await Bus(AMQP, topology).connect()
+    try:
+        last, steady_since = -1, time.monotonic()
+        while True:
+            await asyncio.sleep(0.25)
+            depths = {d.name: d.ready for d in await bus.queue_depths()}
+            queued = depths.get(writer_q, 0)
+            if queued != last:
+                last, steady_since = queued, time.monotonic()
+            elif (
+                depths.get(mapper_q, 0) == 0
+                and queued * 100 >= records
+                and time.monotonic() - steady_since >= 1.0
+            ):
+                return
+    finally:
+        await bus.close()
 
 
 async def main() -> None:

@@ -145,7 +145,7 @@ async def decisions(bench: Bench) -> dict[str, list[Decision]]:
     assert bench.pool is not None
     rows = await bench.pool.fetch(
         """SELECT split_part(source_ref, ':', 3) AS key, at, stage,
-                  details->>'source_version' AS version
+                  source_version AS version
            FROM audit_events
            WHERE source_ref LIKE 'syspro:ArCustomer:%'
              AND (stage = 'written' OR (stage = 'skipped' AND status = 'unchanged'))

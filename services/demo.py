@@ -64,9 +64,14 @@ def _free(port: int) -> int:
 
 
 async def _counts(pool: Any, flows: list[str]) -> dict[str, int]:
+    """Rows per stage. Records mapped are the commands the writer has seen (its rows say when
+    they were mapped); the mapper's own rows are records it could not map: failed."""
     rows = await pool.fetch(
-        """SELECT stage, count(*) AS n FROM audit_events WHERE flow = ANY($1::text[])
-           GROUP BY stage""",
+        """SELECT CASE WHEN stage = 'mapped' THEN 'failed' ELSE stage END AS stage, count(*) AS n
+           FROM audit_events WHERE flow = ANY($1::text[]) GROUP BY 1
+           UNION ALL
+           SELECT 'mapped', count(DISTINCT command_id) FROM audit_events
+           WHERE flow = ANY($1::text[]) AND mapped_at IS NOT NULL""",
         flows,
     )
     return {r["stage"]: r["n"] for r in rows}

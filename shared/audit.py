@@ -1,6 +1,6 @@
 """The audit trail: append-only rows, written in batches with COPY, never one round trip a row.
 
-``add`` buffers without waiting (lineage of polled and mapped records); ``write`` buffers and
+``add`` buffers without waiting (lineage of polled records, failures); ``write`` buffers and
 waits until the rows are committed (the writer acks a message only after that). A background
 task flushes every ``interval_s`` or at ``max_batch`` rows; ``close`` flushes what is left.
 """
@@ -37,11 +37,18 @@ COLUMNS = (
     "transformation",
     "actor",
     "details",
+    "source_version",
+    "flow_version",
+    "mapped_at",
+    "mapped_by",
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class AuditEvent:
+    """One row of the trail. A writer's row also says when and by whom its command was mapped
+    (``mapped_at``, ``mapped_by``): the mapper appends rows only for records it cannot map."""
+
     stage: str
     status: str
     actor: str
@@ -56,6 +63,10 @@ class AuditEvent:
     error: str | None = None
     transformation: str | None = None
     details: dict[str, Any] | None = None
+    source_version: str | None = None
+    flow_version: int | None = None
+    mapped_at: datetime | None = None
+    mapped_by: str | None = None
     at: datetime = field(default_factory=utcnow)
 
     def row(self) -> tuple[Any, ...]:
@@ -75,6 +86,10 @@ class AuditEvent:
             self.transformation,
             self.actor,
             self.details,
+            self.source_version,
+            self.flow_version,
+            self.mapped_at,
+            self.mapped_by,
         )
 
 

@@ -196,12 +196,19 @@ class CommandBatch(Message):
     batch_id: str = Field(default_factory=new_id)
     target_connection: str
     target_entity: str
+    # when and by which mapper replica the commands were mapped: the writer's audit rows keep
+    # them (the mapper appends no row of its own for a mapped record); absent on batches
+    # mapped before they were carried
+    mapped_at: AwareDatetime | None = None
+    mapped_by: str | None = None
     commands: list[UpsertCommand]
 
     def split(self, command: UpsertCommand) -> CommandBatch:
         return CommandBatch(
             target_connection=self.target_connection,
             target_entity=self.target_entity,
+            mapped_at=self.mapped_at,
+            mapped_by=self.mapped_by,
             commands=[command],
         )
 

@@ -1,6 +1,8 @@
 """The mapper: turns each ChangeEvent into an UpsertCommand shaped for the target, from the
 flow's declarative mapping, and publishes the commands of one target entity as one message.
-A record it cannot map is split out and dead-lettered with the reason."""
+A record it cannot map is split out and dead-lettered with the reason, and its audit row
+written; a mapped record's row is the writer's (the batch carries when and by whom it was
+mapped)."""
 
 from __future__ import annotations
 
@@ -113,6 +115,7 @@ class Mapper:
             key = (command.target_system, command.target_connection, command.target_entity)
             groups[key].append(command)
         size = self.command_batch
+        mapped_at = utcnow()
         await self.ctx.bus.publish_many(
             (
                 "commands",
@@ -120,6 +123,8 @@ class Mapper:
                 CommandBatch(
                     target_connection=connection,
                     target_entity=entity,
+                    mapped_at=mapped_at,
+                    mapped_by=self.ctx.actor,
                     commands=group[i : i + size],
                 ),
             )
@@ -133,28 +138,12 @@ class Mapper:
         commands: list[UpsertCommand],
         failed: list[tuple[ChangeEvent, Exception]],
     ) -> None:
-        now = utcnow()
-        rows = [
-            AuditEvent(
-                at=now,
-                stage="mapped",
-                status="ok",
-                actor=self.ctx.actor,
-                flow=c.flow,
-                direction=f"{c.source_system}->{c.target_system}",
-                source_ref=c.source_ref,
-                event_id=c.event_id,
-                command_id=c.command_id,
-                message_id=batch.batch_id,
-                transformation=c.transformation,
-                details={"target_entity": c.target_entity},
-            )
-            for c in commands
-        ]
-        await self.ctx.audit.write(rows + self._failed_rows(failed, batch.batch_id))
-        metrics.RECORDS.labels(batch.flow, "mapped").inc(len(commands))
+        """A mapped record's row is the writer's: it carries when and by whom the command was
+        mapped (``CommandBatch.mapped_at``, ``mapped_by``). Only failures are the mapper's."""
         if failed:
+            await self.ctx.audit.write(self._failed_rows(failed, batch.batch_id))
             metrics.RECORDS.labels(batch.flow, "failed").inc(len(failed))
+        metrics.RECORDS.labels(batch.flow, "mapped").inc(len(commands))
 
     def _failed_rows(
         self, failed: list[tuple[ChangeEvent, Exception]], message_id: str

@@ -54,7 +54,45 @@ async def lineage(pool: asyncpg.Pool, ref: str) -> list[dict[str, Any]]:
         if link["target_id"] and link["target_system"]:
             target_refs.add(f"{link['target_system']}:{link['target_entity']}:{link['target_id']}")
     rows = await pool.fetch(AUDIT_OF_REFS_SQL, sorted(source_refs), sorted(target_refs))
-    return [dict(row) for row in rows]
+    return with_mapping_steps([dict(row) for row in rows])
+
+
+def with_mapping_steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with the mapping step of each command shown as a row of its own: the mapper
+    appends no row for a record it mapped, the writer's rows (written, skipped, failed) say
+    when and by whom their command was mapped. A command retried has several writer rows and
+    one mapping step."""
+    steps: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        command = row.get("command_id")
+        if row.get("mapped_at") is None or row["stage"] == "mapped" or command in steps:
+            continue
+        steps[command] = {
+            **dict.fromkeys(row),
+            **{k: row[k] for k in _MAPPING_STEP_COLUMNS},
+            "at": row["mapped_at"],
+            "stage": "mapped",
+            "status": "ok",
+            "actor": row["mapped_by"],
+        }
+    # in time order; a step before the writer's row of the same moment
+    ordered = [(r["at"], r["id"], 0, r) for r in steps.values()]
+    ordered += [(r["at"], r["id"], 1, r) for r in rows]
+    return [r for *_, r in sorted(ordered, key=lambda t: t[:3])]
+
+
+_MAPPING_STEP_COLUMNS = (
+    "id",
+    "flow",
+    "direction",
+    "source_ref",
+    "event_id",
+    "command_id",
+    "message_id",
+    "transformation",
+    "source_version",
+    "flow_version",
+)
 
 
 async def failures(pool: asyncpg.Pool, since: str, limit: int = 200) -> list[dict[str, Any]]:

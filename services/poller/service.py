@@ -258,7 +258,8 @@ class Poller:
                 source_ref=f"{source_system}:{stream.entity}:{e.key}",
                 event_id=e.event_id,
                 message_id=batch.batch_id,
-                details={"version": e.version, "flow_version": e.flow_version},
+                source_version=e.version,
+                flow_version=e.flow_version,
             )
             for batch in batches
             for e in batch.events

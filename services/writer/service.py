@@ -20,6 +20,7 @@ import asyncio
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -60,6 +61,8 @@ class Ticket:
     outcomes: list[Outcome | None]
     remaining: int
     done: asyncio.Future[list[Outcome]]
+    mapped_at: datetime | None = None  # the batch's, for the audit rows
+    mapped_by: str | None = None
 
 
 @dataclass
@@ -106,11 +109,16 @@ class Batcher:
         self.api_batches = 0
 
     def submit(
-        self, commands: list[UpsertCommand], message_id: str | None = None
+        self,
+        commands: list[UpsertCommand],
+        message_id: str | None = None,
+        *,
+        mapped_at: datetime | None = None,
+        mapped_by: str | None = None,
     ) -> asyncio.Future[list[Outcome]]:
         """Queue one message's commands; the future gives their outcomes, in order."""
         done: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
-        ticket = Ticket([None] * len(commands), len(commands), done)
+        ticket = Ticket([None] * len(commands), len(commands), done, mapped_at, mapped_by)
         if not commands:
             done.set_result([])
         for index, c in enumerate(commands):
@@ -397,7 +405,10 @@ class Batcher:
                     error_class=str(outcome.failure) if outcome.failure else None,
                     error=outcome.error,
                     transformation=c.transformation,
-                    details={"source_version": c.source_version},
+                    source_version=c.source_version,
+                    flow_version=c.flow_version,
+                    mapped_at=pending.ticket.mapped_at,
+                    mapped_by=pending.ticket.mapped_by,
                 )
             )
         if rows:
@@ -508,7 +519,9 @@ class Writer:
             return
         # Make sure the sink is open so that its batch size is known before batching.
         await self.ctx.connector(batch.target_connection)
-        outcomes = await self.batcher.submit(batch.commands, batch.batch_id)
+        outcomes = await self.batcher.submit(
+            batch.commands, batch.batch_id, mapped_at=batch.mapped_at, mapped_by=batch.mapped_by
+        )
         failed = [(c, o) for c, o in zip(batch.commands, outcomes, strict=True) if o.failed]
         if len(failed) == len(batch.commands) and len({o.failure for _, o in failed}) == 1:
             # The whole message failed alike: route it as it is, no need to split.

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from emulators.sandbox import duplicate_creates
+from services.ops import audit_query
 from shared.flow_store import FlowStore
 from tests.e2e.conftest import Pipeline, dump_audit, wait_until
 
@@ -81,12 +82,24 @@ async def test_backfill_lands_once_linked_then_no_writes_then_update(pipeline_fa
     assert after["records"]["Accounts"] == 1000
     assert after["records_updated"] == 1
     assert duplicate_creates(after) == 0
-    # the record's whole lineage is in the audit trail
-    stages = await p.pool.fetch(
-        "SELECT stage FROM audit_events WHERE source_ref = $1 ORDER BY at, id",
-        f"syspro:ArCustomer:{key.strip()}",
-    )
-    assert [r["stage"] for r in stages][-3:] == ["polled", "mapped", "written"]
+    # the record's whole lineage is in the audit trail: the mapping step is told by the
+    # writer's row, which says when and by which mapper replica its command was mapped
+    ref = f"syspro:ArCustomer:{key.strip()}"
+    steps = (await audit_query.lineage(p.pool, ref))[-3:]
+    assert [(r["stage"], r["source_ref"]) for r in steps] == [
+        ("polled", ref),
+        ("mapped", ref),
+        ("written", ref),
+    ]
+    polled, mapped, written = steps
+    assert polled["at"] <= mapped["at"] <= written["at"]
+    # the replica that mapped (here one process runs every service: ``all@host:pid``)
+    assert mapped["actor"].startswith("all@") and mapped["actor"] == written["actor"]
+    assert mapped["event_id"] == polled["event_id"] == written["event_id"]
+    assert mapped["command_id"] == written["command_id"]
+    assert mapped["transformation"] == "syspro-zoho/customers@v1"
+    assert written["source_version"] == polled["source_version"]
+    assert written["flow_version"] == polled["flow_version"] == 1
 
     # An edit of a column the flow does not read (the salesperson) is no change: nothing is
     # published for it, nothing written.
@@ -324,11 +337,11 @@ async def test_a_mapping_dead_letter_replayed_after_the_flow_is_fixed_lands(
         return accounts.get(bad, {}).get("Account_Name") == "(no name)"
 
     await wait_until(landed, 30, "the replayed customer in Zoho")
-    mapped = await p.pool.fetch(
-        "SELECT status, transformation FROM audit_events"
-        " WHERE stage = 'mapped' AND source_ref = $1 ORDER BY id",
-        f"syspro:ArCustomer:{bad}",
-    )
+    mapped = [
+        r
+        for r in await audit_query.lineage(p.pool, f"syspro:ArCustomer:{bad}")
+        if r["stage"] == "mapped"
+    ]
     assert [(r["status"], r["transformation"]) for r in mapped] == [
         ("dead_lettered", None),
         ("ok", "syspro-zoho/customers@v2"),

@@ -218,12 +218,15 @@ async def test_no_loss_under_kills_restarts_and_faults(pipeline_factory, form: d
         assert refs == must_be_dead, refs ^ must_be_dead
         assert not any(d.ready for d in await bus.queue_depths() if not d.name.endswith(".dlq"))
 
-        # Every landed record has its whole lineage.
+        # Every landed record has its whole lineage: read, mapped (told by the writer's row,
+        # with when and by which replica) and written.
         incomplete = await p.pool.fetchval(
             """SELECT count(*) FROM (
                  SELECT source_ref FROM audit_events GROUP BY source_ref
                  HAVING bool_or(stage = 'written')
-                    AND NOT (bool_or(stage = 'polled') AND bool_or(stage = 'mapped'))) t"""
+                    AND NOT (bool_or(stage = 'polled')
+                             AND bool_and(mapped_at IS NOT NULL AND mapped_by IS NOT NULL)
+                                 FILTER (WHERE stage = 'written'))) t"""
         )
         assert incomplete == 0
 

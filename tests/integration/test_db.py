@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -153,8 +154,9 @@ async def test_writer_record_locks_go_with_the_connection_back_to_the_pool(
 
 
 async def test_lineage_by_either_ref_finds_the_record_by_index(clean_db: asyncpg.Pool) -> None:
-    """``ml-connector audit`` given the Zoho id of a record shows the rows its source ref
-    carries (polled, mapped) with those of the target (written), and no query scans a table."""
+    """``ml-connector audit`` given the Zoho id of a record shows the rows of its source ref
+    (polled) with those of the target (written, saying when and by whom its command was
+    mapped), and no query scans a table."""
     from services.ops import audit_query
 
     async with clean_db.acquire() as conn:
@@ -173,26 +175,50 @@ async def test_lineage_by_either_ref_finds_the_record_by_index(clean_db: asyncpg
                       ('f', 'ArCustomer', 'C2', 'crm', 'Accounts', '901')"""
         )
     writer = await AuditWriter(clean_db).start()
+    start = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    mapped = {"mapped_at": start + timedelta(seconds=1), "mapped_by": "mapper@a"}
     rows = [
-        ("polled", "syspro:ArCustomer:C1", None),
-        ("polled", "syspro:ArCustomer:C2", None),
-        ("mapped", "syspro:ArCustomer:C1", None),
-        ("written", "syspro:ArCustomer:C1", "zoho_crm:Accounts:900"),
-        ("written", "syspro:ArCustomer:C2", "zoho_crm:Accounts:901"),
+        # C1: polled, its command failed once (a transient error), then written
+        ("polled", "ok", "syspro:ArCustomer:C1", None, 0, {}),
+        ("polled", "ok", "syspro:ArCustomer:C2", None, 0, {}),
+        ("failed", "failed", "syspro:ArCustomer:C1", None, 2, mapped),
+        ("written", "update", "syspro:ArCustomer:C1", "zoho_crm:Accounts:900", 9, mapped),
+        ("written", "insert", "syspro:ArCustomer:C2", "zoho_crm:Accounts:901", 3, mapped),
     ]
     await writer.write(
-        AuditEvent(stage=stage, status="ok", actor="t", flow="f", source_ref=s, target_ref=t)
-        for stage, s, t in rows
+        AuditEvent(
+            stage=stage,
+            status=status,
+            actor="writer@w" if mapped_ else "poller@p",
+            flow="f",
+            source_ref=s,
+            target_ref=t,
+            event_id=f"e-{s[-2:]}",
+            command_id=f"c-{s[-2:]}" if mapped_ else None,
+            at=start + timedelta(seconds=second),
+            **mapped_,
+        )
+        for stage, status, s, t, second, mapped_ in rows
     )
     await writer.close()
 
     for ref in ("zoho_crm:Accounts:900", "syspro:ArCustomer:C1"):
         found = await audit_query.lineage(clean_db, ref)
-        assert [(r["stage"], r["source_ref"]) for r in found] == [
-            ("polled", "syspro:ArCustomer:C1"),
-            ("mapped", "syspro:ArCustomer:C1"),
-            ("written", "syspro:ArCustomer:C1"),
+        # one mapping step per command, told by its writer rows, in time order
+        assert [(r["stage"], r["status"], r["actor"], r["source_ref"]) for r in found] == [
+            ("polled", "ok", "poller@p", "syspro:ArCustomer:C1"),
+            ("mapped", "ok", "mapper@a", "syspro:ArCustomer:C1"),
+            ("failed", "failed", "writer@w", "syspro:ArCustomer:C1"),
+            ("written", "update", "writer@w", "syspro:ArCustomer:C1"),
         ], ref
+        step = found[1]
+        assert (step["at"], step["command_id"], step["event_id"], step["target_ref"]) == (
+            start + timedelta(seconds=1),
+            "c-C1",
+            "e-C1",
+            None,
+        )
+    assert "mapper@a" in audit_query.render(found)
     assert await audit_query.lineage(clean_db, "zoho_crm:Accounts:999") == []
 
     async with clean_db.acquire() as conn, conn.transaction():
