@@ -200,6 +200,24 @@ class Bench:
             env=self.env(MLC_REPLICA=label, **env),
         )
 
+    async def services_ready(self, queues: list[str], timeout_s: float = 60) -> None:
+        """Wait until every named work queue (``mapper``, ``writer.zoho_crm``,
+        ``poller.notices``) has a consumer: the services are up and past their start-up."""
+        topology = topology_from(self.settings)
+        names = {f"{topology.prefix}.{q}" for q in queues}
+        bus = await Bus(AMQP, topology).connect()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                depths = {d.name: d.consumers for d in await bus.queue_depths()}
+                if all(depths.get(name) for name in names):
+                    return
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"services not consuming after {timeout_s:.0f} s: {depths}")
+                await asyncio.sleep(0.2)
+        finally:
+            await bus.close()
+
     def start_cpu_count(self) -> None:
         """CPU is counted from now on for the processes running already (the emulators)."""
         self.cpu_start = {
