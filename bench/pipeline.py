@@ -48,8 +48,8 @@ async def run_pipeline(
     last = 0
     while True:
         await asyncio.sleep(5)
-        stats = await bench.box.zoho_stats()
-        landed = stats["records"].get("Accounts", 0) + stats["records"].get("Deals", 0)
+        counts = await bench.box.zoho_counts()
+        landed = counts["records"].get("Accounts", 0) + counts["records"].get("Deals", 0)
         mem = bench.sample_memory()
         elapsed = time.monotonic() - started
         print(

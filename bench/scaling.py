@@ -31,7 +31,7 @@ async def one_run(writers: int, records: int, concurrency: int) -> tuple[float, 
         started = time.monotonic()
         for i in range(writers):
             bench.spawn("writer", f"writer-{i}", MLC_WRITER_CONCURRENCY=str(concurrency))
-        while (await box.zoho_stats())["records"].get("Accounts", 0) < records:
+        while (await box.zoho_counts())["records"].get("Accounts", 0) < records:
             await asyncio.sleep(0.2)
         return time.monotonic() - started, await box.zoho_stats()
     finally:

@@ -45,7 +45,7 @@ async def main() -> None:
         for service in ("poller", "mapper", "writer"):
             bench.spawn(service)
         assert bench.pool is not None
-        while (await box.zoho_stats())["records"].get("Accounts", 0) < args.customers:
+        while (await box.zoho_counts())["records"].get("Accounts", 0) < args.customers:
             await asyncio.sleep(1)
         print(
             f"backfill of {args.customers} customers done; {args.rate} changes/s for"

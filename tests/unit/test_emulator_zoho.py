@@ -437,6 +437,9 @@ async def test_upsert_inserts_then_updates_by_duplicate_check_field(zoho: Zoho) 
     assert stats["records_updated"] == 2
     assert stats["write_calls"] == 2
     assert stats["duplicates"]["Accounts"] == 0
+    counts = await zoho.control("GET", "/counts")  # the cheap progress check says the same
+    assert counts["write_calls"] == 2
+    assert counts["records"] == stats["records"] and counts["records"]["Accounts"] == 2
 
 
 async def test_upsert_rejects_non_unique_duplicate_check_field(zoho: Zoho) -> None:
