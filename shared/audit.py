@@ -44,6 +44,9 @@ COLUMNS = (
 )
 
 
+Row = tuple[Any, ...]  # the values of COLUMNS, in order
+
+
 @dataclass(slots=True)
 class AuditEvent:
     """One row of the trail. A writer's row also says when and by whom its command was mapped
@@ -69,7 +72,7 @@ class AuditEvent:
     mapped_by: str | None = None
     at: datetime = field(default_factory=utcnow)
 
-    def row(self) -> tuple[Any, ...]:
+    def row(self) -> Row:
         return (
             self.at,
             self.flow,
@@ -93,6 +96,58 @@ class AuditEvent:
         )
 
 
+# The two rows every record gets, built straight as tuples: an AuditEvent costs ten times as
+# much to build (2.1 against 0.2-0.4 us, measured), and these run once a record.
+
+
+def published_row(
+    *,
+    at: datetime,
+    actor: str,
+    flow: str,
+    direction: str,
+    source_ref: str,
+    event_id: str,
+    message_id: str,
+    source_version: str,
+    flow_version: int,
+) -> Row:
+    """The poller's row for a record it published."""
+    # fmt: off
+    return (at, flow, direction, "polled", "published", source_ref, None, event_id, None,
+            message_id, None, None, None, actor, None, source_version, flow_version, None, None)
+    # fmt: on
+
+
+def outcome_row(
+    *,
+    at: datetime,
+    actor: str,
+    stage: str,
+    status: str,
+    flow: str,
+    direction: str,
+    source_ref: str,
+    target_ref: str | None,
+    event_id: str,
+    command_id: str,
+    message_id: str | None,
+    error_class: str | None,
+    error: str | None,
+    transformation: str,
+    source_version: str,
+    flow_version: int,
+    mapped_at: datetime | None,
+    mapped_by: str | None,
+) -> Row:
+    """The writer's row for a command's outcome (written, skipped, failed)."""
+    # fmt: off
+    return (at, flow, direction, stage, status, source_ref, target_ref, event_id, command_id,
+            message_id, error_class, (error or None) and error[:4000], transformation, actor,
+            None, source_version, flow_version, mapped_at, mapped_by)
+    # fmt: on
+
+
 class AuditWriter:
     def __init__(
         self, pool: asyncpg.Pool, *, max_batch: int = 5000, interval_s: float = 0.2
@@ -100,7 +155,7 @@ class AuditWriter:
         self._pool = pool
         self._max_batch = max_batch
         self._interval_s = interval_s
-        self._buffer: list[tuple[Any, ...]] = []
+        self._buffer: list[Row] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -113,15 +168,22 @@ class AuditWriter:
         return self
 
     def add(self, events: Iterable[AuditEvent]) -> None:
+        self.add_rows(event.row() for event in events)
+
+    def add_rows(self, rows: Iterable[Row]) -> None:
         if self._closed:
             raise RuntimeError("audit writer is closed")
-        self._buffer.extend(event.row() for event in events)
+        self._buffer.extend(rows)
         if len(self._buffer) >= self._max_batch:
             self._wakeup.set()
 
     async def write(self, events: Iterable[AuditEvent]) -> None:
         """Buffer ``events`` and return once they (and everything before them) are committed."""
-        self.add(events)
+        await self.write_rows(event.row() for event in events)
+
+    async def write_rows(self, rows: Iterable[Row]) -> None:
+        """``write`` for rows built already (``published_row``, ``outcome_row``)."""
+        self.add_rows(rows)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._wakeup.set()

@@ -88,12 +88,12 @@ class Mapper:
         target_system = await self.ctx.system_of(stored.flow.target)
         commands: list[UpsertCommand] = []
         failed: list[tuple[ChangeEvent, Exception]] = []
+        versions = {stored.version: stored.flow}  # a batch's events share their version
         for event in batch.events:
-            if current:
-                flow, version = stored.flow, stored.version
-            else:
-                version = event.flow_version
-                flow = await self.ctx.flows.get_version(event.flow, version)
+            version = stored.version if current else event.flow_version
+            flow = versions.get(version)
+            if flow is None:
+                flow = versions[version] = await self.ctx.flows.get_version(batch.flow, version)
             try:
                 commands.append(
                     map_event(

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from services.runtime import ServiceContext, sleep_or_stop
 from shared import metrics
-from shared.audit import AuditEvent
+from shared.audit import published_row
 from shared.bus import NOTICES_QUEUE
 from shared.connectors.base import Source, StreamSpec
 from shared.failures import classify, describe
@@ -246,16 +246,17 @@ class Poller:
         # says it was published: a poller killed in between publishes the record again on its
         # next poll (the copy is dropped downstream), and never leaves a record in the target
         # whose reading is missing from the audit trail.
-        now = utcnow()
-        await self.ctx.audit.write(
-            AuditEvent(
+        now, actor = utcnow(), self.ctx.actor
+        # systems, as the writer's rows say it (the target connection's name is no system)
+        direction = f"{source_system}->{await self.ctx.system_of(flow.target)}"
+        ref_prefix = f"{source_system}:{stream.entity}:"
+        await self.ctx.audit.write_rows(
+            published_row(
                 at=now,
-                stage="polled",
-                status="published",
-                actor=self.ctx.actor,
+                actor=actor,
                 flow=flow.name,
-                direction=f"{source_system}->{flow.target}",
-                source_ref=f"{source_system}:{stream.entity}:{e.key}",
+                direction=direction,
+                source_ref=ref_prefix + e.key,
                 event_id=e.event_id,
                 message_id=batch.batch_id,
                 source_version=e.version,
@@ -358,9 +359,10 @@ def widen(cursor: str | None, overlap_s: float, field_type: str) -> str | None:
 
 
 def max_value(current: str | None, page: list[dict[str, Any]], field: str) -> str | None:
-    values = [str(r[field]) for r in page if r.get(field) not in (None, "")]
+    # each distinct value parsed once: a page of invoices shares a few hundred dates
+    values = {str(r[field]) for r in page if r.get(field) not in (None, "")}
     if current is not None:
-        values.append(current)
+        values.add(current)
     return max(values, default=None, key=_sortable)
 
 

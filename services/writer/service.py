@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from services.runtime import ServiceContext
 from shared import metrics
-from shared.audit import AuditEvent
+from shared.audit import outcome_row
 from shared.bus import WorkQueue, writer_queue
 from shared.connectors.base import Sink, WriteOutcome
 from shared.failures import (
@@ -376,7 +376,7 @@ class Batcher:
     async def _audit_outcomes(self, results: list[tuple[Pending, Outcome]]) -> None:
         rows = []
         counts: dict[tuple[str, str], int] = defaultdict(int)
-        now = utcnow()
+        now, actor = utcnow(), self.ctx.actor
         for pending, outcome in results:
             c = pending.command
             stage = (
@@ -388,11 +388,11 @@ class Batcher:
             )
             counts[(c.flow, stage)] += 1
             rows.append(
-                AuditEvent(
+                outcome_row(
                     at=now,
+                    actor=actor,
                     stage=stage,
                     status=outcome.status,
-                    actor=self.ctx.actor,
                     flow=c.flow,
                     direction=f"{c.source_system}->{c.target_system}",
                     source_ref=c.source_ref,
@@ -412,7 +412,7 @@ class Batcher:
                 )
             )
         if rows:
-            await self.ctx.audit.write(rows)
+            await self.ctx.audit.write_rows(rows)
         for (flow, stage), n in counts.items():
             metrics.RECORDS.labels(flow, stage).inc(n)
 
