@@ -48,6 +48,23 @@ def _json_loads(value: str) -> Any:
 SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
 
+async def insert_else_upsert(
+    conn: asyncpg.Connection, insert_sql: str, upsert_sql: str, *args: Any
+) -> None:
+    """Write rows believed new with a plain INSERT, and with the upsert should one exist after
+    all. An upsert pays for PostgreSQL's speculative insertion on every row: a plain insert of
+    a new record link costs the server 21 us instead of 28, a snapshot 9 instead of 11 to 17
+    (measured on a 2-core machine). A statement that meets an existing row fails whole and
+    inserted nothing; the upsert then writes every row. Both statements take the same
+    arguments. Outside a transaction only: the failure would abort it."""
+    if conn.is_in_transaction():
+        raise RuntimeError("insert_else_upsert runs outside a transaction")
+    try:
+        await conn.execute(insert_sql, *args)
+    except asyncpg.UniqueViolationError:
+        await conn.execute(upsert_sql, *args)
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 5) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 from datetime import UTC, date, timedelta
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
 from services.runtime import ServiceContext, sleep_or_stop
-from shared import metrics
+from shared import db, metrics
 from shared.audit import published_row
 from shared.bus import NOTICES_QUEUE
 from shared.connectors.base import Source, StreamSpec
@@ -35,6 +36,15 @@ SNAPSHOTS_BY_KEY_SQL = """
     SELECT s.key, s.hash FROM unnest($3::text[]) AS k(key)
     CROSS JOIN LATERAL (SELECT key, hash FROM source_snapshots
         WHERE flow = $1 AND entity = $2 AND key = k.key LIMIT 1) s"""
+
+# Snapshots of records seen for the first time are inserted, the others upserted (a webhook's
+# fetch may have saved one in between: then the upsert writes them).
+INSERT_SNAPSHOTS_SQL = """
+    INSERT INTO source_snapshots (flow, entity, key, hash, seen_at)
+    SELECT $1, $2, k, h, now() FROM unnest($3::text[], $4::text[]) AS t(k, h)"""
+UPSERT_SNAPSHOTS_SQL = f"""{INSERT_SNAPSHOTS_SQL}
+    ON CONFLICT (flow, entity, key) DO UPDATE SET hash = EXCLUDED.hash,
+        seen_at = EXCLUDED.seen_at"""
 
 LEASE_S = 30  # renewed every LEASE_S / 3 while a poll runs; a dead poller's lease lapses
 PUBLISH_BATCH = 500  # events per bus message
@@ -166,9 +176,9 @@ class Poller:
         published = 0
         started = utcnow()
         async for page in source.changed_since(stream, since):
-            events = await self._changed_events(flow, version, entity, stream, page, day)
+            events, known = await self._changed_events(flow, version, entity, stream, page, day)
             if events:
-                await self._publish(flow, stream, events)
+                await self._publish(flow, stream, events, known)
                 published += len(events)
             if stream.change_field:
                 high_water = max_value(high_water, page, stream.change_field)
@@ -199,24 +209,22 @@ class Poller:
         stream: StreamSpec,
         page: list[dict[str, Any]],
         day: date | None,
-    ) -> list[ChangeEvent]:
+    ) -> tuple[list[ChangeEvent], Collection[str]]:
         """The page's records whose content changed since they were last published, reduced
-        to the columns the mapping reads (a change to any other column is no change)."""
+        to the columns the mapping reads (a change to any other column is no change), and the
+        keys that have a snapshot already."""
         latest: dict[str, tuple[str, dict[str, Any]]] = {}
         for row in page:
             record = entity.project(row)
             digest = content_hash(record if day is None else [record, day.isoformat()])
             latest[stream.key_of(record)] = (digest, record)
-        known = await self.ctx.pool.fetch(
-            SNAPSHOTS_BY_KEY_SQL,
-            flow.name,
-            stream.entity,
-            list(latest),
+        rows = await self.ctx.pool.fetch(
+            SNAPSHOTS_BY_KEY_SQL, flow.name, stream.entity, list(latest)
         )
-        previous = {row["key"]: row["hash"] for row in known}
+        previous = {row["key"]: row["hash"] for row in rows}
         source_system = await self.ctx.system_of(flow.source)
         now = utcnow()
-        return [
+        events = [
             ChangeEvent.build(
                 flow=flow.name,
                 flow_version=version,
@@ -231,8 +239,11 @@ class Poller:
             for key, (digest, record) in latest.items()
             if previous.get(key) != digest
         ]
+        return events, previous.keys()
 
-    async def _publish(self, flow: Flow, stream: StreamSpec, events: list[ChangeEvent]) -> None:
+    async def _publish(
+        self, flow: Flow, stream: StreamSpec, events: list[ChangeEvent], known: Collection[str]
+    ) -> None:
         source_system = events[0].source_system
         routing_key = f"{source_system}.{stream.entity}"
         batches = [
@@ -265,16 +276,27 @@ class Poller:
             for batch in batches
             for e in batch.events
         )
-        await self.ctx.pool.execute(
-            """INSERT INTO source_snapshots (flow, entity, key, hash, seen_at)
-               SELECT $1, $2, k, h, now() FROM unnest($3::text[], $4::text[]) AS t(k, h)
-               ON CONFLICT (flow, entity, key) DO UPDATE SET hash = EXCLUDED.hash,
-                   seen_at = EXCLUDED.seen_at""",
-            flow.name,
-            stream.entity,
-            [e.key for e in events],
-            [e.version for e in events],
-        )
+        first = [e for e in events if e.key not in known]
+        again = [e for e in events if e.key in known]
+        async with self.ctx.pool.acquire() as conn:
+            if first:
+                await db.insert_else_upsert(
+                    conn,
+                    INSERT_SNAPSHOTS_SQL,
+                    UPSERT_SNAPSHOTS_SQL,
+                    flow.name,
+                    stream.entity,
+                    [e.key for e in first],
+                    [e.version for e in first],
+                )
+            if again:
+                await conn.execute(
+                    UPSERT_SNAPSHOTS_SQL,
+                    flow.name,
+                    stream.entity,
+                    [e.key for e in again],
+                    [e.version for e in again],
+                )
         metrics.RECORDS.labels(flow.name, "polled").inc(len(events))
 
     async def _record_poll(
@@ -341,11 +363,11 @@ class Poller:
                 stream = mapping.stream()
                 records = await source.fetch(stream, ids)
                 day = date.today() if is_time_dependent(mapping) else None
-                events = await self._changed_events(
+                events, known = await self._changed_events(
                     flow, stored.version, mapping, stream, records, day
                 )
                 if events:
-                    await self._publish(flow, stream, events)
+                    await self._publish(flow, stream, events, known)
 
 
 def widen(cursor: str | None, overlap_s: float, field_type: str) -> str | None:

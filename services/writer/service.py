@@ -27,7 +27,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from services.runtime import ServiceContext
-from shared import metrics
+from shared import db, metrics
 from shared.audit import outcome_row
 from shared.bus import WorkQueue, writer_queue
 from shared.connectors.base import Sink, WriteOutcome
@@ -73,6 +73,7 @@ class Pending:
     record: tuple[str, str, str]  # (flow, source entity, source key)
     message_id: str | None = None
     exists: bool = False  # the target record exists already (insert-only fields are dropped)
+    linked: bool = False  # record_links has a row for it
 
     @property
     def settled(self) -> bool:
@@ -279,6 +280,7 @@ class Batcher:
                 if link["payload_hash"] == command.payload_hash:
                     results.append((pending, Outcome("unchanged", target_id=link["target_id"])))
                     continue
+            pending.linked = link is not None
             pending.exists = link is not None and bool(link["target_id"])
             to_write.append(pending)
         if not to_write:
@@ -439,40 +441,49 @@ async def load_links(
     return {(row["flow"], row["source_entity"], row["source_key"]): row for row in rows}
 
 
+# The rows of a flush travel as one jsonb document: asyncpg checks each element of an array
+# parameter against three abstract base classes, which made eight arrays of 100 cost the client
+# twice what encoding the same rows as JSON does (6.0 -> 2.9 us a record, measured). A flush
+# writes one target connection and entity: those two travel as scalars.
+_LINK_ROWS = """
+    SELECT k.flow, k.entity, k.key, $2, $3, k.target_id, k.version, k.observed_at,
+           k.payload_hash, k.command_id, now()
+    FROM jsonb_to_recordset($1::jsonb)
+         AS k(flow text, entity text, key text, target_id text, version text,
+              observed_at timestamptz, payload_hash text, command_id text)"""
+INSERT_LINKS_SQL = f"""
+    INSERT INTO record_links (flow, source_entity, source_key, target_connection, target_entity,
+        target_id, source_version, observed_at, payload_hash, last_command_id, updated_at)
+    {_LINK_ROWS}"""
+UPSERT_LINKS_SQL = f"""{INSERT_LINKS_SQL}
+    ON CONFLICT (flow, source_entity, source_key) DO UPDATE SET
+        target_connection = EXCLUDED.target_connection,
+        target_entity = EXCLUDED.target_entity,
+        target_id = COALESCE(EXCLUDED.target_id, record_links.target_id),
+        source_version = EXCLUDED.source_version, observed_at = EXCLUDED.observed_at,
+        payload_hash = EXCLUDED.payload_hash, last_command_id = EXCLUDED.last_command_id,
+        updated_at = now()
+    WHERE record_links.observed_at IS NULL
+       OR record_links.observed_at <= EXCLUDED.observed_at"""
+
+
 async def _save_links(
     conn: asyncpg.Connection,
     connection: str,
     entity: str,
     written: list[tuple[Pending, WriteOutcome]],
 ) -> None:
-    if not written:
-        return
-    # The batch travels as one jsonb document: asyncpg checks each element of an array
-    # parameter against three abstract base classes, which made eight arrays of 100 cost the
-    # client twice what encoding the same rows as JSON does (6.0 -> 2.9 us a record, measured).
-    # A flush writes one target connection and entity: those two travel as scalars.
-    await conn.execute(
-        """INSERT INTO record_links (flow, source_entity, source_key, target_connection,
-               target_entity, target_id, source_version, observed_at, payload_hash,
-               last_command_id, updated_at)
-           SELECT k.flow, k.entity, k.key, $2, $3, k.target_id, k.version, k.observed_at,
-                  k.payload_hash, k.command_id, now()
-           FROM jsonb_to_recordset($1::jsonb)
-                AS k(flow text, entity text, key text, target_id text, version text,
-                     observed_at timestamptz, payload_hash text, command_id text)
-           ON CONFLICT (flow, source_entity, source_key) DO UPDATE SET
-               target_connection = EXCLUDED.target_connection,
-               target_entity = EXCLUDED.target_entity,
-               target_id = COALESCE(EXCLUDED.target_id, record_links.target_id),
-               source_version = EXCLUDED.source_version, observed_at = EXCLUDED.observed_at,
-               payload_hash = EXCLUDED.payload_hash, last_command_id = EXCLUDED.last_command_id,
-               updated_at = now()
-           WHERE record_links.observed_at IS NULL
-              OR record_links.observed_at <= EXCLUDED.observed_at""",
-        [_link_row(pending.command, outcome) for pending, outcome in written],
-        connection,
-        entity,
-    )
+    """Links of records written for the first time are inserted, the others upserted. The
+    writer holds each record's lock from its links lookup until here, so no other replica
+    links it in between; should a link exist after all, the upsert writes it."""
+    first = [_link_row(p.command, outcome) for p, outcome in written if not p.linked]
+    again = [_link_row(p.command, outcome) for p, outcome in written if p.linked]
+    if first:
+        await db.insert_else_upsert(
+            conn, INSERT_LINKS_SQL, UPSERT_LINKS_SQL, first, connection, entity
+        )
+    if again:
+        await conn.execute(UPSERT_LINKS_SQL, again, connection, entity)
 
 
 def _link_row(c: UpsertCommand, outcome: WriteOutcome) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
 from shared import db
 from shared.audit import AuditEvent, AuditWriter
@@ -230,3 +231,56 @@ async def test_lineage_by_either_ref_finds_the_record_by_index(clean_db: asyncpg
             plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
             assert "Seq Scan on record_links" not in plan, plan
             assert "Seq Scan on audit_events" not in plan, plan
+
+
+async def test_links_of_first_writes_are_inserted_and_an_unexpected_one_is_upserted(
+    clean_db: asyncpg.Pool,
+) -> None:
+    """The writer inserts the links of records it found unlinked (cheaper than an upsert). A
+    link that exists after all (another replica linked it in between) is updated, not an
+    error, and an older command never overwrites a newer link."""
+    from services.writer.service import Pending, _save_links
+    from shared.connectors.base import WriteOutcome
+    from shared.messages import UpsertCommand, utcnow
+
+    def written(key: str, target_id: str, *, linked: bool, age_s: float = 0) -> tuple:
+        command = UpsertCommand.build(
+            event_id=f"e-{key}",
+            flow="f",
+            flow_version=1,
+            transformation="f/customers@v1",
+            source_system="syspro",
+            source_entity="ArCustomer",
+            source_key=key,
+            source_version=f"v-{target_id}",
+            observed_at=utcnow() - timedelta(seconds=age_s),
+            target_connection="crm",
+            target_system="zoho_crm",
+            target_entity="Accounts",
+            match_on=["ERP_Customer_No"],
+            payload={"ERP_Customer_No": key},
+        )
+        pending = Pending(command, None, 0, ("f", "ArCustomer", key), linked=linked)  # type: ignore[arg-type]
+        return pending, WriteOutcome(True, target_id=target_id, action="insert")
+
+    links = "SELECT source_key, target_id, source_version FROM record_links ORDER BY 1"
+    async with clean_db.acquire() as conn:
+        await _save_links(conn, "crm", "Accounts", [written("C1", "900", linked=False)])
+        assert [tuple(r) for r in await conn.fetch(links)] == [("C1", "900", "v-900")]
+        # believed unlinked, linked meanwhile: the whole insert falls back to the upsert
+        await _save_links(
+            conn,
+            "crm",
+            "Accounts",
+            [written("C1", "901", linked=False), written("C2", "902", linked=False)],
+        )
+        assert [tuple(r) for r in await conn.fetch(links)] == [
+            ("C1", "901", "v-901"),
+            ("C2", "902", "v-902"),
+        ]
+        # a link known to exist is upserted; an older command leaves a newer link alone
+        await _save_links(conn, "crm", "Accounts", [written("C2", "903", linked=True, age_s=60)])
+        assert [tuple(r) for r in await conn.fetch(links)][1] == ("C2", "902", "v-902")
+        async with conn.transaction():
+            with pytest.raises(RuntimeError, match="outside a transaction"):
+                await _save_links(conn, "crm", "Accounts", [written("C3", "904", linked=False)])
