@@ -329,6 +329,12 @@ def test_a_mapped_command_is_the_model_the_writer_decodes() -> None:
         {"field": "F", "flow": "f", "source_entity": "E", "source_key": "1", "target_entity": "T"},
     )
     assert partial.shape == "id_object" and partial.match_field is None
+    # built models share their set of fields: changing or copying one leaves the others alone
+    other = map_event(FLOW, 2, event, target_connection="zoho", target_system="zoho_crm")
+    copy = other.model_copy(update={"source_version": "v2"})
+    other.source_version = "v3"
+    assert (command.source_version, other.source_version, copy.source_version) == ("v1", "v3", "v2")
+    assert command.model_fields_set == copy.model_fields_set == set(UpsertCommand.model_fields)
 
 
 def test_a_command_without_a_time_zone_is_refused_at_the_boundary() -> None:
