@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -48,21 +49,24 @@ def _json_loads(value: str) -> Any:
 SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
 
-async def insert_else_upsert(
-    conn: asyncpg.Connection, insert_sql: str, upsert_sql: str, *args: Any
+async def copy_else(
+    conn: asyncpg.Connection,
+    table: str,
+    columns: Sequence[str],
+    records: list[tuple[Any, ...]],
+    otherwise: Callable[[], Awaitable[object]],
 ) -> None:
-    """Write rows believed new with a plain INSERT, and with the upsert should one exist after
-    all. An upsert pays for PostgreSQL's speculative insertion on every row: a plain insert of
-    a new record link costs the server 21 us instead of 28, a snapshot 9 instead of 11 to 17
-    (measured on a 2-core machine). A statement that meets an existing row fails whole and
-    inserted nothing; the upsert then writes every row. Both statements take the same
-    arguments. Outside a transaction only: the failure would abort it."""
+    """Write rows believed new by COPY, PostgreSQL's cheapest way in, and by ``otherwise`` (an
+    upsert of the same rows) should one exist after all. An upsert pays for speculative
+    insertion on every row: a new record link costs the server 14 us by COPY, 21 by INSERT and
+    28 by upsert (measured on a 2-core machine). COPY is all or nothing: when it meets an
+    existing row it wrote none. Outside a transaction only: the failure would abort it."""
     if conn.is_in_transaction():
-        raise RuntimeError("insert_else_upsert runs outside a transaction")
+        raise RuntimeError("copy_else runs outside a transaction")
     try:
-        await conn.execute(insert_sql, *args)
+        await conn.copy_records_to_table(table, records=records, columns=columns)
     except asyncpg.UniqueViolationError:
-        await conn.execute(upsert_sql, *args)
+        await otherwise()
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 5) -> asyncpg.Pool:

@@ -37,12 +37,9 @@ SNAPSHOTS_BY_KEY_SQL = """
     CROSS JOIN LATERAL (SELECT key, hash FROM source_snapshots
         WHERE flow = $1 AND entity = $2 AND key = k.key LIMIT 1) s"""
 
-# Snapshots of records seen for the first time are inserted, the others upserted (a webhook's
-# fetch may have saved one in between: then the upsert writes them).
-INSERT_SNAPSHOTS_SQL = """
+UPSERT_SNAPSHOTS_SQL = """
     INSERT INTO source_snapshots (flow, entity, key, hash, seen_at)
-    SELECT $1, $2, k, h, now() FROM unnest($3::text[], $4::text[]) AS t(k, h)"""
-UPSERT_SNAPSHOTS_SQL = f"""{INSERT_SNAPSHOTS_SQL}
+    SELECT $1, $2, k, h, now() FROM unnest($3::text[], $4::text[]) AS t(k, h)
     ON CONFLICT (flow, entity, key) DO UPDATE SET hash = EXCLUDED.hash,
         seen_at = EXCLUDED.seen_at"""
 
@@ -276,18 +273,24 @@ class Poller:
             for batch in batches
             for e in batch.events
         )
+        # Snapshots of records seen for the first time are copied in, the others upserted (a
+        # webhook's fetch may have saved one in between: then the upsert writes them all).
         first = [e for e in events if e.key not in known]
         again = [e for e in events if e.key in known]
         async with self.ctx.pool.acquire() as conn:
             if first:
-                await db.insert_else_upsert(
+                await db.copy_else(
                     conn,
-                    INSERT_SNAPSHOTS_SQL,
-                    UPSERT_SNAPSHOTS_SQL,
-                    flow.name,
-                    stream.entity,
-                    [e.key for e in first],
-                    [e.version for e in first],
+                    "source_snapshots",
+                    ("flow", "entity", "key", "hash"),
+                    [(flow.name, stream.entity, e.key, e.version) for e in first],
+                    lambda: conn.execute(
+                        UPSERT_SNAPSHOTS_SQL,
+                        flow.name,
+                        stream.entity,
+                        [e.key for e in first],
+                        [e.version for e in first],
+                    ),
                 )
             if again:
                 await conn.execute(

@@ -441,21 +441,18 @@ async def load_links(
     return {(row["flow"], row["source_entity"], row["source_key"]): row for row in rows}
 
 
-# The rows of a flush travel as one jsonb document: asyncpg checks each element of an array
+# Upserted rows travel as one jsonb document: asyncpg checks each element of an array
 # parameter against three abstract base classes, which made eight arrays of 100 cost the client
 # twice what encoding the same rows as JSON does (6.0 -> 2.9 us a record, measured). A flush
 # writes one target connection and entity: those two travel as scalars.
-_LINK_ROWS = """
+UPSERT_LINKS_SQL = """
+    INSERT INTO record_links (flow, source_entity, source_key, target_connection, target_entity,
+        target_id, source_version, observed_at, payload_hash, last_command_id, updated_at)
     SELECT k.flow, k.entity, k.key, $2, $3, k.target_id, k.version, k.observed_at,
            k.payload_hash, k.command_id, now()
     FROM jsonb_to_recordset($1::jsonb)
          AS k(flow text, entity text, key text, target_id text, version text,
-              observed_at timestamptz, payload_hash text, command_id text)"""
-INSERT_LINKS_SQL = f"""
-    INSERT INTO record_links (flow, source_entity, source_key, target_connection, target_entity,
-        target_id, source_version, observed_at, payload_hash, last_command_id, updated_at)
-    {_LINK_ROWS}"""
-UPSERT_LINKS_SQL = f"""{INSERT_LINKS_SQL}
+              observed_at timestamptz, payload_hash text, command_id text)
     ON CONFLICT (flow, source_entity, source_key) DO UPDATE SET
         target_connection = EXCLUDED.target_connection,
         target_entity = EXCLUDED.target_entity,
@@ -465,6 +462,19 @@ UPSERT_LINKS_SQL = f"""{INSERT_LINKS_SQL}
         updated_at = now()
     WHERE record_links.observed_at IS NULL
        OR record_links.observed_at <= EXCLUDED.observed_at"""
+# the columns a first write's link is copied with (created_at and updated_at: their default)
+LINK_COLUMNS = (
+    "flow",
+    "source_entity",
+    "source_key",
+    "target_connection",
+    "target_entity",
+    "target_id",
+    "source_version",
+    "observed_at",
+    "payload_hash",
+    "last_command_id",
+)
 
 
 async def _save_links(
@@ -473,17 +483,33 @@ async def _save_links(
     entity: str,
     written: list[tuple[Pending, WriteOutcome]],
 ) -> None:
-    """Links of records written for the first time are inserted, the others upserted. The
+    """Links of records written for the first time are copied in, the others upserted. The
     writer holds each record's lock from its links lookup until here, so no other replica
-    links it in between; should a link exist after all, the upsert writes it."""
-    first = [_link_row(p.command, outcome) for p, outcome in written if not p.linked]
+    links it in between; should a link exist after all, the upsert writes them all."""
+    first = [(p.command, outcome) for p, outcome in written if not p.linked]
     again = [_link_row(p.command, outcome) for p, outcome in written if p.linked]
     if first:
-        await db.insert_else_upsert(
-            conn, INSERT_LINKS_SQL, UPSERT_LINKS_SQL, first, connection, entity
+        await db.copy_else(
+            conn,
+            "record_links",
+            LINK_COLUMNS,
+            [_link_record(c, o, connection, entity) for c, o in first],
+            lambda: conn.execute(
+                UPSERT_LINKS_SQL, [_link_row(c, o) for c, o in first], connection, entity
+            ),
         )
     if again:
         await conn.execute(UPSERT_LINKS_SQL, again, connection, entity)
+
+
+def _link_record(
+    c: UpsertCommand, outcome: WriteOutcome, connection: str, entity: str
+) -> tuple[Any, ...]:
+    """A first write's link, in LINK_COLUMNS order."""
+    # fmt: off
+    return (c.flow, c.source_entity, c.source_key, connection, entity, outcome.target_id,
+            c.source_version, c.observed_at, c.payload_hash, c.command_id)
+    # fmt: on
 
 
 def _link_row(c: UpsertCommand, outcome: WriteOutcome) -> dict[str, Any]:

@@ -233,11 +233,11 @@ async def test_lineage_by_either_ref_finds_the_record_by_index(clean_db: asyncpg
             assert "Seq Scan on audit_events" not in plan, plan
 
 
-async def test_links_of_first_writes_are_inserted_and_an_unexpected_one_is_upserted(
+async def test_links_of_first_writes_are_copied_in_and_an_unexpected_one_is_upserted(
     clean_db: asyncpg.Pool,
 ) -> None:
-    """The writer inserts the links of records it found unlinked (cheaper than an upsert). A
-    link that exists after all (another replica linked it in between) is updated, not an
+    """The writer copies in the links of records it found unlinked (cheaper than an upsert).
+    A link that exists after all (another replica linked it in between) is updated, not an
     error, and an older command never overwrites a newer link."""
     from services.writer.service import Pending, _save_links
     from shared.connectors.base import WriteOutcome
@@ -267,7 +267,7 @@ async def test_links_of_first_writes_are_inserted_and_an_unexpected_one_is_upser
     async with clean_db.acquire() as conn:
         await _save_links(conn, "crm", "Accounts", [written("C1", "900", linked=False)])
         assert [tuple(r) for r in await conn.fetch(links)] == [("C1", "900", "v-900")]
-        # believed unlinked, linked meanwhile: the whole insert falls back to the upsert
+        # believed unlinked, linked meanwhile: the whole COPY falls back to the upsert
         await _save_links(
             conn,
             "crm",
