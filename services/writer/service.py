@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -42,7 +42,7 @@ from shared.messages import CommandBatch, ParentRef, UpsertCommand, utcnow
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     status: str  # insert, update, unchanged, stale, superseded, failed
     failure: FailureClass | None = None
@@ -54,7 +54,7 @@ class Outcome:
         return self.failure is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class Ticket:
     """The outcomes of one bus message's commands; ``done`` resolves when all are in."""
 
@@ -65,7 +65,7 @@ class Ticket:
     mapped_by: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     command: UpsertCommand
     ticket: Ticket
@@ -105,7 +105,7 @@ class Batcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight: set[tuple[str, str, str]] = set()
         # records with a command in this writer that has no outcome yet
-        self._known: Counter[tuple[str, str, str]] = Counter()
+        self._known: dict[tuple[str, str, str], int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.api_batches = 0
 
@@ -122,10 +122,11 @@ class Batcher:
         ticket = Ticket([None] * len(commands), len(commands), done, mapped_at, mapped_by)
         if not commands:
             done.set_result([])
+        known = self._known
         for index, c in enumerate(commands):
-            pending = Pending(c, ticket, index, (c.flow, c.source_entity, c.source_key), message_id)
-            self._known[pending.record] += 1
-            self._add(pending)
+            record = (c.flow, c.source_entity, c.source_key)
+            known[record] = known.get(record, 0) + 1
+            self._add(Pending(c, ticket, index, record, message_id))
         return done
 
     def _settle(self, pending: Pending, outcome: Outcome) -> None:
@@ -138,8 +139,10 @@ class Batcher:
         if ticket.remaining == 0 and not ticket.done.done():
             ticket.done.set_result(ticket.outcomes)  # type: ignore[arg-type]
         record = pending.record
-        self._known[record] -= 1
-        if self._known[record] <= 0:
+        left = self._known[record] - 1
+        if left > 0:
+            self._known[record] = left
+        else:
             del self._known[record]
 
     def _add(self, pending: Pending) -> None:
