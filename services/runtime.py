@@ -54,6 +54,7 @@ class ServiceContext:
     flows: FlowStore
     actor: str
     _connectors: dict[str, Connector] = field(default_factory=dict)
+    _systems: dict[str, str] = field(default_factory=dict)
     _connector_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     connector_options: dict[str, Any] = field(default_factory=dict)
 
@@ -88,7 +89,12 @@ class ServiceContext:
         return decoded
 
     async def system_of(self, connection: str) -> str:
-        return (await self.connections.get(connection)).system
+        """Read once per service, as its connector is opened once (the mapper and poller ask
+        for every batch; reading the connection each time decrypted its secrets)."""
+        system = self._systems.get(connection)
+        if system is None:
+            system = self._systems[connection] = await self.connections.system_of(connection)
+        return system
 
     async def close(self) -> None:
         for connector in self._connectors.values():

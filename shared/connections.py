@@ -128,6 +128,13 @@ class ConnectionStore:
         secrets = self.vault.open_secrets(row["secrets"], name) if row["secrets"] else {}
         return StoredConnection(name, row["system"], row["settings"], secrets, row["key_id"])
 
+    async def system_of(self, name: str) -> str:
+        """The system a connection talks to, without opening its secrets."""
+        system = await self.pool.fetchval("SELECT system FROM connections WHERE name = $1", name)
+        if system is None:
+            raise ConnectionConfigError(f"no connection named {name!r}")
+        return str(system)
+
     async def list(self) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
             "SELECT name, system, settings, key_id, updated_at FROM connections ORDER BY name"

@@ -238,11 +238,12 @@ class Batcher:
         self, conn: asyncpg.Connection, records: list[tuple[str, str, str]]
     ) -> set[tuple[str, str, str]]:
         """Session advisory locks on the records no other writer replica holds. They are held
-        while the connection is out of the pool: asyncpg resets a connection it takes back
-        (``pg_advisory_unlock_all()``), so they are released when the flush ends, whatever
-        happened in it, without a round trip of their own."""
+        while the connection is out of the pool: the pool releases them when it takes the
+        connection back (``db.release_session_locks_on_return``), so when the flush ends,
+        whatever happened in it."""
         if not records:
             return set()
+        db.release_session_locks_on_return(conn)
         names = ["\x1f".join(r) for r in records]
         # Only the records another replica holds come back: usually none.
         rows = await conn.fetch(

@@ -154,6 +154,45 @@ async def test_writer_record_locks_go_with_the_connection_back_to_the_pool(
         await other.close()
 
 
+async def test_a_connection_without_session_state_returns_to_the_pool_without_a_query(
+    database_url: str,
+) -> None:
+    """The pool's reset costs a round trip only where there is something to shed: a
+    connection that took session locks releases them, any other goes back as it is, and one
+    left inside a transaction is rolled back all the same."""
+    queries: list[str] = []
+    pool = await db.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        await _reuse_one_connection(pool, queries)
+    finally:
+        await pool.close()
+
+
+async def _reuse_one_connection(pool: asyncpg.Pool, queries: list[str]) -> None:
+    async with pool.acquire() as conn:
+        pid = conn.get_server_pid()
+        conn.add_query_logger(lambda record: queries.append(record.query))
+        await conn.fetchval("SELECT 1")
+    assert queries == ["SELECT 1"]
+    async with pool.acquire() as conn:
+        assert conn.get_server_pid() == pid  # the same connection, reused
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("CREATE TEMP TABLE left_open (x int)")
+    async with pool.acquire() as conn:
+        assert conn.get_server_pid() == pid
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
+        db.release_session_locks_on_return(conn)
+        assert await conn.fetchval("SELECT pg_try_advisory_lock(42)") is True
+    assert "SELECT pg_advisory_unlock_all()" in queries
+    async with pool.acquire() as conn:
+        held = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", pid
+        )
+        assert held == 0
+
+
 async def test_lineage_by_either_ref_finds_the_record_by_index(clean_db: asyncpg.Pool) -> None:
     """``ml-connector audit`` given the Zoho id of a record shows the rows of its source ref
     (polled) with those of the target (written, saying when and by whom its command was
