@@ -72,9 +72,24 @@ async def run_pipeline(
     bench.cpu["postgres"] = cpu_of_command("postgres") - db0
     stats = await bench.box.zoho_stats()
     latency = await bench.latency()
+    # every outcome of the backfill: a record that waited for its parent, or was retried,
+    # shows here (and costs a second pass through the writer)
+    outcomes = await bench.pool.fetch(
+        "SELECT stage, status, coalesce(error_class, '') AS error_class, count(*) AS n"
+        " FROM audit_events GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    )
     resync = await run_resync(bench, total) if with_resync else None
     bench.stop_services()
-    return {"elapsed": elapsed, "stats": stats, "latency": latency, "resync": resync}
+    return {
+        "elapsed": elapsed,
+        "stats": stats,
+        "latency": latency,
+        "outcomes": {
+            "/".join(filter(None, (r["stage"], r["status"], r["error_class"]))): r["n"]
+            for r in outcomes
+        },
+        "resync": resync,
+    }
 
 
 async def run_resync(bench: Bench, total: int) -> dict[str, Any]:
@@ -220,6 +235,10 @@ async def main() -> None:
         print(
             f"  latency poll -> write: p50 {result['latency']['p50']:.2f} s,"
             f" p99 {result['latency']['p99']:.2f} s"
+        )
+        print(
+            "  audit rows of the backfill: "
+            + ", ".join(f"{k} {v}" for k, v in result["outcomes"].items())
         )
         print("  peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(bench.peaks.items())))
         print(
