@@ -72,8 +72,8 @@ async def run_pipeline(
     bench.cpu["postgres"] = cpu_of_command("postgres") - db0
     stats = await bench.box.zoho_stats()
     latency = await bench.latency()
-    # every outcome of the backfill: a record that waited for its parent, or was retried,
-    # shows here (and costs a second pass through the writer)
+    # every audit row of the backfill: a record that failed, or was retried because its parent
+    # was not written yet (a second pass through the writer), shows here
     outcomes = await bench.pool.fetch(
         "SELECT stage, status, coalesce(error_class, '') AS error_class, count(*) AS n"
         " FROM audit_events GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
