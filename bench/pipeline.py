@@ -17,6 +17,8 @@ import time
 from datetime import date
 from typing import Any
 
+import asyncpg
+
 from bench.harness import Bench, cpu_of_command, cpu_seconds, sandbox_connectors
 from emulators.sandbox import FLOWS_DIR, ZOHO_CUSTOM_FIELDS, Sandbox, duplicate_creates
 from services.runtime import tune_garbage_collector
@@ -74,21 +76,32 @@ async def run_pipeline(
     latency = await bench.latency()
     # every audit row of the backfill: a record that failed, or was retried because its parent
     # was not written yet (a second pass through the writer), shows here
-    outcomes = await bench.pool.fetch(
-        "SELECT stage, status, coalesce(error_class, '') AS error_class, count(*) AS n"
-        " FROM audit_events GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-    )
+    outcomes = await audit_outcomes(bench.pool)
     resync = await run_resync(bench, total) if with_resync else None
     bench.stop_services()
     return {
         "elapsed": elapsed,
         "stats": stats,
         "latency": latency,
-        "outcomes": {
-            "/".join(filter(None, (r["stage"], r["status"], r["error_class"]))): r["n"]
-            for r in outcomes
-        },
+        "outcomes": outcomes,
         "resync": resync,
+    }
+
+
+async def audit_outcomes(
+    pool: asyncpg.Pool, *, after_id: int | None = None, stages: list[str] | None = None
+) -> dict[str, int]:
+    """Audit rows counted by stage, status and error class ("written/insert": 100), those
+    after ``after_id`` and of ``stages`` where given."""
+    rows = await pool.fetch(
+        "SELECT stage, status, coalesce(error_class, '') AS error_class, count(*) AS n"
+        " FROM audit_events WHERE id > coalesce($1, 0)"
+        " AND ($2::text[] IS NULL OR stage = ANY($2)) GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        after_id,
+        stages,
+    )
+    return {
+        "/".join(filter(None, (r["stage"], r["status"], r["error_class"]))): r["n"] for r in rows
     }
 
 
@@ -117,14 +130,10 @@ async def run_resync(bench: Bench, total: int) -> dict[str, Any]:
             break
         if time.monotonic() - started > 900:
             raise SystemExit(f"resync: only {decided} of {total} records decided in 15 min")
-    rows = await bench.pool.fetch(
-        "SELECT stage, status, count(*) AS n FROM audit_events WHERE id > $1"
-        " AND stage IN ('written', 'skipped') GROUP BY stage, status",
-        mark,
-    )
+    outcomes = await audit_outcomes(bench.pool, after_id=mark, stages=["written", "skipped"])
     return {
         "elapsed": time.monotonic() - started,
-        "outcomes": {f"{r['stage']}/{r['status']}": r["n"] for r in rows},
+        "outcomes": outcomes,
         "write_calls": (await bench.box.zoho_stats())["write_calls"] - calls_before,
     }
 
