@@ -45,10 +45,11 @@ class Control:
         self.org = org
         self.version = version
 
-    def _store(self, name: Any) -> Store:
+    def _store(self, name: Any, write: bool = False) -> Store:
         store = self.org.store(name) if isinstance(name, str) else None
-        if store is None:
-            raise bad_request(f"unknown object {name!r}; known: {sorted(self.org.schema)}")
+        if store is None or (write and not store.obj.writable):
+            known = sorted(s.obj.name for s in self.org.data_stores)
+            raise bad_request(f"unknown or read-only object {name!r}; writable: {known}")
         return store
 
     @staticmethod
@@ -67,7 +68,7 @@ class Control:
         org = self.org
         return web.json_response(
             {
-                "records": {s.obj.name: len(s.records) for s in org.stores.values()},
+                "records": {s.obj.name: len(s.records) for s in org.data_stores},
                 "write_calls": dict(org.write_calls),
                 "write_calls_total": sum(org.write_calls.values()),
                 "records_created": org.counters["records_created"],
@@ -100,7 +101,7 @@ class Control:
     async def seed(self, request: web.Request) -> web.Response:
         org = self.org
         body = await self._body(request)
-        store = self._store(body.get("object"))
+        store = self._store(body.get("object"), write=True)
         obj = store.obj
         records = body.get("records")
         if records is None:

@@ -129,6 +129,8 @@ class ObjectDef:
     custom: bool = False
     fields: dict[str, FieldDef] = field(default_factory=dict)
     """lower-case name -> field, in declaration order."""
+    writable: bool = True
+    """False for User: readable (Owner.Name in SOQL), not written through this emulator."""
 
     def add(self, fdef: FieldDef) -> None:
         if not fdef.length:
@@ -168,9 +170,9 @@ class ObjectDef:
             "labelPlural": self.label_plural,
             "keyPrefix": self.key_prefix,
             "custom": self.custom,
-            "createable": True,
-            "updateable": True,
-            "deletable": True,
+            "createable": self.writable,
+            "updateable": self.writable,
+            "deletable": self.writable,
             "queryable": True,
             "retrieveable": True,
             "searchable": True,
@@ -417,9 +419,27 @@ def invoice_object() -> ObjectDef:
     return obj
 
 
+def user_object() -> ObjectDef:
+    """The org's users, read-only here: the Run As user owns every record."""
+    obj = ObjectDef("User", "User", "Users", "005", writable=False)
+    _id_field(obj, "User ID")
+    read_only = {"createable": False, "updateable": False}
+    obj.add(FieldDef("Username", "string", "Username", 80, nillable=False, **read_only))
+    obj.add(FieldDef("Name", "string", "Full Name", 121, name_field=True, **read_only))
+    obj.add(FieldDef("Email", "email", "Email", 128, **read_only))
+    obj.add(FieldDef("IsActive", "boolean", "Active", nillable=False, **read_only))
+    for name, label in (
+        ("CreatedDate", "Created Date"),
+        ("LastModifiedDate", "Last Modified Date"),
+        ("SystemModstamp", "System Modstamp"),
+    ):
+        obj.add(FieldDef(name, "datetime", label, nillable=False, **read_only))
+    return obj
+
+
 def build_schema(opts: SalesforceOptions) -> dict[str, ObjectDef]:
     """lower-case object name -> definition."""
-    objects = [account_object(), opportunity_object(opts)]
+    objects = [account_object(), opportunity_object(opts), user_object()]
     if opts.custom_object:
         objects.append(invoice_object())
     return {obj.name.lower(): obj for obj in objects}

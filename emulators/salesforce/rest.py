@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 from urllib.parse import unquote
 
@@ -87,15 +88,11 @@ class RestApi:
         opts = self.org.opts
         if segment == "latest":
             return opts.latest_version
-        if not segment.startswith("v"):
+        match = re.fullmatch(r"v(\d{1,3})\.0", segment)
+        if match is None:
             raise not_found()
-        try:
-            number = float(segment[1:])
-        except ValueError:
-            raise not_found() from None
-        if number > float(opts.latest_version) or number != int(number):
-            raise not_found()
-        if number < 7.0:
+        number = int(match.group(1))
+        if number > float(opts.latest_version) or number < 7:
             raise not_found()
         if number < float(opts.oldest_version):
             raise ApiError(
@@ -103,7 +100,7 @@ class RestApi:
                 "UNSUPPORTED_API_VERSION",
                 f"Version {segment[1:]} of the API is no longer supported. Use a newer version.",
             )
-        return f"{int(number)}.0"
+        return f"{number}.0"
 
     # -- middleware ----------------------------------------------------------------------------
 
@@ -203,10 +200,12 @@ class RestApi:
         names = ("sobjects", "query", "queryAll", "limits", "composite")
         return {name: f"{base}/{name}" for name in names}
 
-    def _store(self, name: str) -> Store:
+    def _store(self, name: str, write: bool = False) -> Store:
         store = self.org.store(name)
         if store is None:
             raise not_found()
+        if write and not store.obj.writable:
+            raise ApiError(403, "INSUFFICIENT_ACCESS", "insufficient access rights on object id")
         return store
 
     async def _json(self, request: web.Request) -> Any:
@@ -235,7 +234,7 @@ class RestApi:
                     "sobjects": [s.obj.summary(version) for s in org.stores.values()],
                 }
             )
-        store = self._store(rest[0])
+        store = self._store(rest[0], write=method in ("POST", "PATCH", "PUT", "DELETE"))
         obj = store.obj
         if len(rest) == 1:
             if method == "POST":
@@ -412,7 +411,7 @@ class RestApi:
         if float(version) < UPDATE_200_SINCE:
             raise not_found()
         self._count_write(request)
-        store = self._store(object_name)
+        store = self._store(object_name, write=True)
         ext = self._external_field(store.obj, field_name)
         body = await self._json(request)
         results = self.org.collection_upsert(
