@@ -884,3 +884,67 @@ async def test_counts_stats_and_reset(sf: SF) -> None:
     counts = await sf.control("GET", "/counts")
     assert counts["records"]["Account"] == 0 and counts["write_calls_total"] == 0
     assert (await sf.call("GET", "/limits"))[0] == 200  # sessions survive a reset
+
+
+async def test_q_is_url_decoded_and_a_raw_plus_is_a_space(sf: SF) -> None:
+    await sf.seed("Account", [{"Name": "A&B", "ERP_Customer_Id__c": "C1"}])
+    headers = {"Authorization": f"Bearer {sf.token}"}
+    query = "SELECT+Id,Name+FROM+Account+WHERE+Name+%3D+%27A%26B%27"
+    async with sf.session.get(
+        f"{sf.url}/services/data/v66.0/query/?q={query}", headers=headers
+    ) as response:
+        assert response.status == 200
+        assert [r["Name"] for r in (await response.json())["records"]] == ["A&B"]
+    unencoded_offset = "SELECT+Id+FROM+Account+WHERE+SystemModstamp+>+2024-01-01T00:00:00+02:00"
+    async with sf.session.get(
+        f"{sf.url}/services/data/v66.0/query?q={unencoded_offset}", headers=headers
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())[0]["errorCode"] == "MALFORMED_QUERY"
+
+
+async def test_an_eleventh_cursor_releases_the_oldest(sf: SF) -> None:
+    await sf.control("POST", "/seed", {"object": "Account", "count": 201})
+    urls = []
+    for _ in range(11):
+        _, page, _ = await sf.query(
+            "SELECT Id FROM Account", headers={"Sforce-Query-Options": "batchSize=200"}
+        )
+        urls.append(page["nextRecordsUrl"])
+    status, body, _ = await sf.call("GET", urls[0])
+    assert (status, body[0]["errorCode"]) == (400, "INVALID_QUERY_LOCATOR")
+    status, body, _ = await sf.call("GET", urls[1])
+    assert status == 200 and len(body["records"]) == 1 and body["done"] is True
+
+
+async def test_collections_upsert_on_a_value_held_twice_fails_that_record(sf: SF) -> None:
+    await sf.seed(
+        "Account",
+        [{"Name": "A", "ERP_Customer_Id__c": "C1"}, {"Name": "A2", "ERP_Customer_Id__c": "C1"}],
+        allow_duplicates=True,
+    )
+    status, body, _ = await sf.upsert_collection(
+        "Account",
+        "ERP_Customer_Id__c",
+        [{"Name": "B", "ERP_Customer_Id__c": "C1"}, {"Name": "C", "ERP_Customer_Id__c": "C2"}],
+    )
+    assert status == 200
+    assert body[0]["errors"][0]["statusCode"] == "DUPLICATE_EXTERNAL_ID"
+    assert body[1]["success"] is True
+    assert (await sf.control("GET", "/stats"))["duplicate_total"] == 1
+
+
+async def test_control_refuses_bad_input_in_one_line(sf: SF) -> None:
+    async with sf.session.post(
+        f"{sf.url}/_control/fields",
+        json={"object": "Account", "fields": [{"name": "Region", "type": "string"}]},
+    ) as response:
+        assert response.status == 400
+        assert "__c" in (await response.json())["error"]
+    async with sf.session.post(
+        f"{sf.url}/_control/seed", json={"object": "Account", "records": [{"Name": "x", "Foo": 1}]}
+    ) as response:
+        assert response.status == 400
+        assert "INVALID_FIELD" in (await response.json())["error"]
+    async with sf.session.post(f"{sf.url}/_control/config", json={"clock": 1}) as response:
+        assert response.status == 400
