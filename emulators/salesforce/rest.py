@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from emulators.salesforce.describe import ObjectDef
+from emulators.salesforce.describe import FieldDef, ObjectDef
 from emulators.salesforce.errors import (
     ApiError,
     RecordError,
@@ -272,7 +272,7 @@ class RestApi:
             return json_response(self._retrieve(request, version, obj, store.records[matches[0]]))
         raise not_found()
 
-    def _external_field(self, obj: ObjectDef, name: str) -> Any:
+    def _external_field(self, obj: ObjectDef, name: str) -> FieldDef:
         fdef = obj.field(name)
         if fdef is None or not (fdef.external_id or fdef.type == "id"):
             raise ApiError(
@@ -321,7 +321,7 @@ class RestApi:
         return exc.as_api_error(400)
 
     async def upsert(
-        self, request: web.Request, version: str, store: Store, ext: Any, raw_value: str
+        self, request: web.Request, version: str, store: Store, ext: FieldDef, raw_value: str
     ) -> web.Response:
         """``PATCH /sobjects/{Object}/{ExtIdField}/{value}``: 201 created, 200 updated (v46+;
         204 before), 300 with the matching records' URLs when several match."""
