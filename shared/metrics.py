@@ -25,3 +25,7 @@ THROTTLE_WAITS = Counter(
 QUEUE_READY = Gauge("mlc_queue_ready", "Messages ready in a queue", ["queue"])
 QUEUE_UNACKED = Gauge("mlc_queue_unacked", "Messages delivered and not yet acked", ["queue"])
 MESSAGES = Counter("mlc_messages_total", "Bus messages handled by outcome", ["queue", "outcome"])
+AUDIT_ROWS_DROPPED = Counter(
+    "mlc_audit_rows_dropped_total",
+    "Audit rows PostgreSQL refused even alone (each logged, then dropped)",
+)
