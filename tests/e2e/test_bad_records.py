@@ -86,6 +86,7 @@ async def test_bad_records_fail_alone_and_every_other_record_lands(
                 _customer("NULNAME", "Acme\x00 Ltd"),
                 _customer("X|Y", "Customer X|Y"),
                 _customer("X", "Customer X"),
+                _customer("c0001", "Lower-case code"),  # SYSPRO: one customer with C0001
             ]
         },
     )
@@ -99,6 +100,7 @@ async def test_bad_records_fail_alone_and_every_other_record_lands(
                 _invoice("X", "Y|1"),
                 _invoice("X", "FUT1", "9999-12-01T00:00:00Z"),  # synced and reported
                 _invoice("X", "FUT2", "9999-12-20T00:00:00Z"),  # + 30 days: not a date
+                _invoice("C0001", "77"),  # names the customer c0001 in the other case
             ]
         },
     )
@@ -108,10 +110,10 @@ async def test_bad_records_fail_alone_and_every_other_record_lands(
     p.start()
 
     async def landed() -> bool:
-        return await p.zoho_count("Accounts") >= 23 and await p.zoho_count("Deals") >= 43
+        return await p.zoho_count("Accounts") >= 24 and await p.zoho_count("Deals") >= 44
 
     try:
-        await wait_until(landed, 90, "23 accounts and 43 deals")
+        await wait_until(landed, 90, "24 accounts and 44 deals")
     except AssertionError:
         print(await dump_audit(p.pool))
         raise
@@ -138,13 +140,21 @@ async def test_bad_records_fail_alone_and_every_other_record_lands(
     assert row["error_class"] == "permanent" and "NUL" in row["error"]
 
     accounts = {a["ERP_Customer_No"]: a for a in await box.zoho_records("Accounts")}
-    assert len(accounts) == 23 and not any("BAD" in code for code in accounts)
+    assert len(accounts) == 24 and not any("BAD" in code for code in accounts)
     # a NUL in a value is cleaned, not failed
     assert accounts["NULNAME"]["Account_Name"] == "Acme Ltd"
     # two invoices, two deals, each under its own customer
     deals = {d["ERP_Invoice_Key"]: d for d in await box.zoho_records("Deals")}
     assert deals["X\\|Y|1|I"]["Account_Name"]["id"] == accounts["X|Y"]["id"]
     assert deals["X|Y\\|1|I"]["Account_Name"]["id"] == accounts["X"]["id"]
+    # SYSPRO's keys are case-insensitive: one identity C0001, which the invoice's parent
+    # reference and match value use too
+    links = await p.pool.fetch(
+        "SELECT source_key FROM record_links WHERE source_entity = 'ArCustomer'"
+        " AND upper(source_key) = 'C0001'"
+    )
+    assert [r["source_key"] for r in links] == ["C0001"]
+    assert deals["C0001|77|I"]["Account_Name"]["id"] == accounts["c0001"]["id"]
     # the far-future invoice is synced and reported; the cursor stays near the time of the read
     assert "X|FUT1|I" in deals
     assert "InvoiceDate is 9999-12-01T00:00:00Z" in caplog.text
