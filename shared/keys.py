@@ -40,23 +40,22 @@ ESCAPE = "\\"
 CASE_SETTING = "case_sensitive_keys"
 
 
-def component(value: Any) -> str:
-    """One key field's value as a key component: its text, stripped; nothing for ``None``."""
-    return "" if value is None else str(value).strip()
-
-
 def encode_key(values: Iterable[Any], *, case_sensitive: bool = True) -> str:
-    """The identity key of a record from its key fields' values, in key order."""
-    parts = [component(value) for value in values]
+    """The identity key of a record from its key fields' values, in key order. Runs once a
+    record: a key with nothing to escape is joined once and checked, not built part by part."""
+    parts = ["" if value is None else str(value).strip() for value in values]
     if not case_sensitive:
         parts = [part.upper() for part in parts]
     if len(parts) == 1:
         return parts[0]
+    key = SEPARATOR.join(parts)
+    if ESCAPE not in key and key.count(SEPARATOR) == len(parts) - 1:
+        return key
     return SEPARATOR.join(
-        part.replace(ESCAPE, ESCAPE + ESCAPE).replace(SEPARATOR, ESCAPE + SEPARATOR)
-        if ESCAPE in part or SEPARATOR in part
-        else part
-        for part in parts
+        [
+            part.replace(ESCAPE, ESCAPE + ESCAPE).replace(SEPARATOR, ESCAPE + SEPARATOR)
+            for part in parts
+        ]
     )
 
 

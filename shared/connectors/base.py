@@ -38,9 +38,9 @@ class StreamSpec:
 
     def key_of(self, record: dict[str, Any]) -> str:
         """The record's identity key (``shared.keys.encode_key``: composite keys escaped)."""
+        get = record.get
         return encode_key(
-            [record.get(name) for name in self.key_fields],
-            case_sensitive=self.case_sensitive_keys,
+            [get(name) for name in self.key_fields], case_sensitive=self.case_sensitive_keys
         )
 
 
