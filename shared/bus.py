@@ -39,6 +39,7 @@ from pamqp.commands import Basic
 
 from shared import metrics
 from shared.failures import FailureClass
+from shared.logs import redact
 from shared.messages import Message, encode
 
 log = logging.getLogger(__name__)
@@ -395,6 +396,51 @@ class Bus:
             },
         )
         return routed
+
+    async def dead_letter(
+        self,
+        wq: WorkQueue,
+        routing_key: str,
+        message: Message,
+        failure: FailureClass,
+        error: str,
+        *,
+        service: str = "",
+    ) -> None:
+        """Put a message that never reached ``wq`` (records the poller read but could not
+        publish) straight into ``wq``'s dead-letter queue, with the headers ``route_failure``
+        stamps: ``dlq replay`` publishes it to ``wq``'s exchange with ``routing_key``. The error
+        text is redacted."""
+        now = datetime.now(UTC).isoformat()
+        headers: dict[str, Any] = {
+            H_ERROR_CLASS: str(failure),
+            H_ERROR: redact(error)[:1000],
+            H_ATTEMPTS: 1,
+            H_FIRST_FAILED: now,
+            H_FAILED_AT: now,
+            H_ORIG_EXCHANGE: self.topology.exchange(wq.exchange),
+            H_ORIG_ROUTING_KEY: routing_key,
+            H_QUEUE: self.topology.queue(wq),
+            H_SERVICE: service,
+        }
+        amqp = self.build_message(
+            encode(message),
+            kind=message.kind,
+            message_id=getattr(message, "batch_id", None),
+            headers=headers,
+        )
+        await self.publish_raw("", self.topology.dlq(wq), amqp)
+        metrics.MESSAGES.labels(wq.name, str(Routed.DEAD)).inc()
+        log.error(
+            "dead-lettered: %s",
+            redact(error)[:300],
+            extra={
+                "queue": wq.name,
+                "message_id": amqp.message_id,
+                "error_class": str(failure),
+                "service": service or None,
+            },
+        )
 
     # -- monitoring ---------------------------------------------------------------------------
 

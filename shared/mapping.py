@@ -18,6 +18,7 @@ from typing import Any
 
 from shared.failures import MappingError
 from shared.flows import EntityMapping, FieldSpec, Flow
+from shared.keys import SEPARATOR, encode_key
 from shared.messages import (
     SCHEMA_VERSION,
     ChangeEvent,
@@ -32,11 +33,19 @@ _FORMATTER = string.Formatter()
 
 
 class _Context:
-    def __init__(self, flow: Flow, entity: EntityMapping, record: dict[str, Any], today: date):
+    def __init__(
+        self,
+        flow: Flow,
+        entity: EntityMapping,
+        record: dict[str, Any],
+        today: date,
+        key: str,
+    ):
         self.flow = flow
         self.entity = entity
         self.record = record
         self.today = today
+        self.key = key  # the record's identity key (``shared.keys``)
 
     def fail(self, field: str, message: str) -> MappingError:
         return MappingError(
@@ -70,6 +79,44 @@ def compile_template(template: str) -> Callable[[dict[str, Any]], str]:
             out.append(format(text, spec) if spec else text)
         text = "".join(out)
         return " ".join(text.split()) if one_line else text.strip()
+
+    return render
+
+
+def compile_key_template(template: str, arity: int) -> Callable[[dict[str, Any]], str]:
+    """A parent's identity key as a function of a child's record, built as
+    ``shared.keys.encode_key`` builds the parent's own key: a parent with one key field gets
+    the whole template as its value; a composite key's template gives each key field's value
+    between literal ``|`` (``"{Customer}|{Branch}"``), and each value is escaped as a key
+    component. Values are stripped, never collapsed (a key keeps its inner spaces). KeyError
+    names a column the record does not have; ValueError says the template does not give
+    ``arity`` values."""
+    segments: list[list[tuple[str, str | None, str]]] = [[]]
+    for literal, name, spec in _parse_template(template):
+        pieces = literal.split(SEPARATOR) if arity > 1 else [literal]
+        segments[-1].append((pieces[0], None, ""))
+        for piece in pieces[1:]:
+            segments.append([(piece, None, "")])
+        if name is not None:
+            segments[-1].append(("", name, spec))
+    if len(segments) != arity:
+        raise ValueError(
+            f"the parent key template {template!r} gives {len(segments)} value(s) separated by"
+            f" {SEPARATOR!r}; the parent's key has {arity}"
+        )
+
+    def render(record: dict[str, Any]) -> str:
+        values = []
+        for parts in segments:
+            out = []
+            for literal, name, spec in parts:
+                out.append(literal)
+                if name is not None:
+                    value = record[name]
+                    text = "" if value is None else str(value).strip()
+                    out.append(format(text, spec) if spec else text)
+            values.append("".join(out))
+        return encode_key(values)
 
     return render
 
@@ -242,7 +289,15 @@ def _line_item(
     return [line]
 
 
+def _source_key(ctx: _Context) -> str:
+    """The record's identity key, as its record link stores it (``shared.keys``): key fields
+    joined by ``|`` with a ``\\`` or ``|`` inside a value escaped, upper-cased for a source
+    whose keys are case-insensitive. The unambiguous match value of a composite key."""
+    return ctx.key
+
+
 COMPUTED: dict[str, Callable[..., Any]] = {
+    "source_key": _source_key,
     "line_item": _line_item,
     "add_days": _add_days,
     "payment_status": _payment_status,
@@ -296,6 +351,8 @@ def _compile_value(flow: Flow, name: str, spec: FieldSpec) -> Getter:
                 return render(ctx.record)
             except KeyError as exc:
                 raise ctx.fail(name, f"template names unknown column {exc.args[0]!r}") from None
+            except Exception as exc:  # a format spec the value does not take, ...
+                raise ctx.fail(name, f"template {spec.template!r}: {_reason(exc)}") from None
 
         return from_template
     if spec.compute is not None:
@@ -315,8 +372,10 @@ def _compile_value(flow: Flow, name: str, spec: FieldSpec) -> Getter:
                 values = {arg_name: get(ctx, memo) for arg_name, get in args}
                 try:
                     value = function(ctx, **values)
-                except (ValueError, TypeError, InvalidOperation) as exc:
-                    raise ctx.fail(name, f"{compute}: {exc}") from None
+                except MappingError:
+                    raise
+                except Exception as exc:  # a date out of range (OverflowError), ...
+                    raise ctx.fail(name, f"{compute}: {_reason(exc)}{_args(values)}") from None
                 if isinstance(value, str):
                     value = value.strip()
                 memo[key] = value
@@ -324,6 +383,21 @@ def _compile_value(flow: Flow, name: str, spec: FieldSpec) -> Getter:
 
         return computed
     return _constant(spec.value.strip() if isinstance(spec.value, str) else spec.value)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _args(values: dict[str, Any]) -> str:
+    if not values:
+        return ""
+    return " (" + ", ".join(f"{k}={_short(v)}" for k, v in values.items()) + ")"
 
 
 def _constant(value: Any) -> Getter:
@@ -366,8 +440,10 @@ def _compile_field(flow: Flow, name: str, spec: FieldSpec) -> Getter:
                 return None
         try:
             value = convert(value)
-        except (ValueError, InvalidOperation) as exc:
-            raise ctx.fail(name, str(exc)) from None
+        except (ValueError, InvalidOperation) as exc:  # it names the value
+            raise ctx.fail(name, _reason(exc)) from None
+        except Exception as exc:  # beyond what the type can hold (OverflowError), ...
+            raise ctx.fail(name, f"{_reason(exc)} (value {_short(value)})") from None
         if max_length and isinstance(value, str) and len(value) > max_length:
             value = value[:max_length]
         return value
@@ -379,6 +455,7 @@ def _compile_field(flow: Flow, name: str, spec: FieldSpec) -> Getter:
 class _ParentPlan:
     field: str
     key: Callable[[dict[str, Any]], str]  # the parent's source key, from the child's record
+    empty_key: str  # what ``key`` gives when every value is empty: no parent
     required: bool
     source_entity: str
     target_entity: str
@@ -405,10 +482,15 @@ def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
             fields.append((name, _compile_field(flow, name, spec)))
             continue
         parent = flow.entity(spec.parent)
+        try:
+            key = compile_key_template(spec.key or "", len(parent.source.key))
+        except ValueError as exc:
+            key = _refusing(str(exc))
         parents.append(
             _ParentPlan(
                 field=name,
-                key=compile_template(spec.key or ""),
+                key=key,
+                empty_key=SEPARATOR * (len(parent.source.key) - 1),
                 required=spec.required,
                 source_entity=parent.source.entity,
                 target_entity=parent.target.entity,
@@ -426,6 +508,13 @@ def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
     )
 
 
+def _refusing(reason: str) -> Callable[[dict[str, Any]], str]:
+    def refuse(record: dict[str, Any]) -> str:
+        raise ValueError(reason)
+
+    return refuse
+
+
 def _plan_for(flow: Flow, entity: EntityMapping) -> _Plan:
     """The compiled plan, kept on the entity mapping per flow name and lookup tables (an
     entity shared by a copy of the flow with other lookups gets a plan of its own)."""
@@ -437,25 +526,46 @@ def _plan_for(flow: Flow, entity: EntityMapping) -> _Plan:
 
 
 def map_record(
-    flow: Flow, entity: EntityMapping, record: dict[str, Any], *, today: date
+    flow: Flow,
+    entity: EntityMapping,
+    record: dict[str, Any],
+    *,
+    today: date,
+    key: str | None = None,
+    case_sensitive_keys: bool = True,
 ) -> tuple[dict[str, Any], list[ParentRef]]:
-    return _map_with(_plan_for(flow, entity), flow, entity, record, today)
+    """``record`` mapped; ``key`` is its identity key (by default built from its key fields)."""
+    if key is None:
+        key = encode_key(
+            [record.get(name) for name in entity.source.key], case_sensitive=case_sensitive_keys
+        )
+    return _map_with(_plan_for(flow, entity), flow, entity, record, today, key, case_sensitive_keys)
 
 
 def _map_with(
-    plan: _Plan, flow: Flow, entity: EntityMapping, record: dict[str, Any], today: date
+    plan: _Plan,
+    flow: Flow,
+    entity: EntityMapping,
+    record: dict[str, Any],
+    today: date,
+    key: str,
+    case_sensitive_keys: bool,
 ) -> tuple[dict[str, Any], list[ParentRef]]:
-    ctx = _Context(flow, entity, record, today)
+    ctx = _Context(flow, entity, record, today, key)
     memo: dict[str, Any] = {}
     payload = {name: get(ctx, memo) for name, get in plan.fields}
     parents: list[ParentRef] = []
     for ref in plan.parents:
         try:
-            key = ref.key(record)
+            parent_key = ref.key(record)
             match_value = ref.match_value(record) if ref.match_value else None
         except KeyError as exc:
             raise ctx.fail(ref.field, f"parent key names unknown column {exc.args[0]!r}") from None
-        if not key:
+        except Exception as exc:
+            raise ctx.fail(ref.field, f"parent key: {_reason(exc)}") from None
+        if not case_sensitive_keys:
+            parent_key = parent_key.upper()
+        if parent_key == ref.empty_key:
             if ref.required:
                 raise ctx.fail(ref.field, "parent key is empty")
             continue
@@ -466,7 +576,7 @@ def _map_with(
                     "field": ref.field,
                     "flow": flow.name,
                     "source_entity": ref.source_entity,
-                    "source_key": key,
+                    "source_key": parent_key,
                     "target_entity": ref.target_entity,
                     "match_field": ref.match_field,
                     "match_value": match_value,
@@ -488,10 +598,21 @@ def map_event(
     *,
     target_connection: str,
     target_system: str,
+    case_sensitive_keys: bool = True,
 ) -> UpsertCommand:
+    """The command for ``event``. ``case_sensitive_keys``: the source connection's (False
+    upper-cases the parent keys, as the poller upper-cased the event's key)."""
     entity = flow.entity_for_source(event.entity)
     plan = _plan_for(flow, entity)
-    payload, parents = _map_with(plan, flow, entity, event.record, event.observed_at.date())
+    payload, parents = _map_with(
+        plan,
+        flow,
+        entity,
+        event.record,
+        event.observed_at.date(),
+        event.key,
+        case_sensitive_keys,
+    )
     transformation = plan.transformations.get(flow_version)
     if transformation is None:
         transformation = f"{flow.name}/{entity.name}@v{flow_version}"

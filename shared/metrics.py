@@ -25,3 +25,17 @@ THROTTLE_WAITS = Counter(
 QUEUE_READY = Gauge("mlc_queue_ready", "Messages ready in a queue", ["queue"])
 QUEUE_UNACKED = Gauge("mlc_queue_unacked", "Messages delivered and not yet acked", ["queue"])
 MESSAGES = Counter("mlc_messages_total", "Bus messages handled by outcome", ["queue", "outcome"])
+AUDIT_ROWS_DROPPED = Counter(
+    "mlc_audit_rows_dropped_total",
+    "Audit rows PostgreSQL refused even alone (each logged, then dropped)",
+)
+FUTURE_CHANGES = Counter(
+    "mlc_future_change_values_total",
+    "Records published whose change field lay past the time of the read (the cursor stops there)",
+    ["flow", "entity"],
+)
+SOURCE_VALUES_CLEANED = Counter(
+    "mlc_source_values_cleaned_total",
+    "Source records whose values held NUL characters or invalid Unicode, cleaned before publishing",
+    ["flow", "entity"],
+)

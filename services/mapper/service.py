@@ -18,6 +18,7 @@ from shared.audit import AuditEvent
 from shared.bus import H_REPLAYS, MAPPER_QUEUE, UnroutableError
 from shared.failures import FailureClass, MappingError, PermanentError, classify, describe
 from shared.flow_store import FlowNotFoundError
+from shared.keys import load_case_sensitive_keys
 from shared.mapping import map_event
 from shared.messages import (
     ChangeBatch,
@@ -86,6 +87,8 @@ class Mapper:
         if not stored.enabled:
             raise PermanentError(f"flow {batch.flow!r} is disabled; enable it, then replay")
         target_system = await self.ctx.system_of(stored.flow.target)
+        # parent keys are built as the poller built the keys (``shared.keys``)
+        case_sensitive = await load_case_sensitive_keys(self.ctx.pool, stored.flow.source)
         commands: list[UpsertCommand] = []
         failed: list[tuple[ChangeEvent, Exception]] = []
         versions = {stored.version: stored.flow}  # a batch's events share their version
@@ -102,6 +105,7 @@ class Mapper:
                         event,
                         target_connection=flow.target,
                         target_system=target_system,
+                        case_sensitive_keys=case_sensitive,
                     )
                 )
             except (MappingError, KeyError) as exc:

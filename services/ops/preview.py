@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from services.runtime import ServiceContext
 from shared.connectors.base import Source
 from shared.failures import MappingError
+from shared.keys import load_case_sensitive_keys
 from shared.mapping import map_event
 from shared.messages import ChangeEvent, content_hash
 
@@ -20,11 +22,14 @@ async def preview(
     assert isinstance(source, Source)
     source_system = await ctx.system_of(flow.source)
     target_system = await ctx.system_of(flow.target)
+    case_sensitive = await load_case_sensitive_keys(ctx.pool, flow.source)
     rows: list[dict[str, Any]] = []
     for mapping in flow.entities:
         if only and only not in (mapping.name, mapping.source.entity):
             continue
-        stream = mapping.stream(page_size=max(limit, 1))
+        stream = dataclasses.replace(
+            mapping.stream(page_size=max(limit, 1)), case_sensitive_keys=case_sensitive
+        )
         records: list[dict[str, Any]] = []
         async for page in source.changed_since(stream, None):
             records.extend(page)
@@ -51,6 +56,7 @@ async def preview(
                     event,
                     target_connection=flow.target,
                     target_system=target_system,
+                    case_sensitive_keys=case_sensitive,
                 )
             except MappingError as exc:
                 rows.append({**row, "action": "fail", "error": str(exc)})

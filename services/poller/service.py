@@ -6,28 +6,59 @@ overlap window), drop records whose content hash equals the last published one, 
 of events per message with publisher confirms, then record the hashes and, once every page is
 confirmed, advance the cursor. It also consumes ``notices`` (ids named by webhooks) and fetches
 those records in full.
+
+What one record or one entity does wrong stays with it:
+
+- an entity whose read fails is recorded as failed on its cursor row and logged; the flow's
+  other entities are polled all the same (a child whose parent is not written yet waits in the
+  writer's retries);
+- a record whose key cannot name it (a NUL character, a lone surrogate, an empty key: see
+  ``shared.keys``) is dead-lettered with the reason, into the dead-letter queue of the changes'
+  consumers, and audited; the page's other records are published. This process dead-letters a
+  record once per version, not on every poll that reads it again;
+- a NUL character or a lone surrogate in any other column is cleaned, not failed: PostgreSQL's
+  jsonb and text cannot carry them, JSON cannot carry a lone surrogate, and the value without
+  them is what people see in the source (a NUL is most often a C string's terminator stored
+  with the value): failing the record would hold back a customer for an invisible character.
+  NULs are removed, lone surrogates become U+FFFD, with a warning naming the record and the
+  columns (``mlc_source_values_cleaned_total``). The content hash is taken after cleaning, so a
+  later fix in the source changes nothing downstream;
+- the cursor never moves past the time of the read plus ``FUTURE_TOLERANCE``: a record dated in
+  the far future (9999-12-31) is published like any other and reported (a warning naming flow,
+  entity, key and value, and ``mlc_future_change_values_total``), and the high-water mark is
+  capped, so that records changed after this read are read by the next one. A cursor left in
+  the future by an older version is capped by the next poll the same way.
+
+Identity keys are built by ``shared.keys`` (the stream's ``key_of``), upper-cased for a source
+whose keys are case-insensitive (``case_sensitive_keys`` of the source connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 from collections.abc import Collection
-from datetime import UTC, date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from pydantic_core import PydanticSerializationError, to_json
 
 from services.runtime import ServiceContext, sleep_or_stop
 from shared import db, metrics
-from shared.audit import published_row
-from shared.bus import NOTICES_QUEUE
+from shared.audit import AuditEvent, published_row
+from shared.bus import MAPPER_QUEUE, NOTICES_QUEUE
 from shared.connectors.base import Source, StreamSpec
-from shared.failures import classify, describe
+from shared.failures import FailureClass, classify, describe
 from shared.flows import EntityMapping, Flow
+from shared.keys import key_problem, load_case_sensitive_keys
+from shared.logs import redact
 from shared.mapping import is_time_dependent, to_datetime
 from shared.messages import ChangeBatch, ChangeEvent, NoticeBatch, content_hash, decode, utcnow
+from shared.text import clean_text, clean_value
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +76,19 @@ UPSERT_SNAPSHOTS_SQL = """
 
 LEASE_S = 30  # renewed every LEASE_S / 3 while a poll runs; a dead poller's lease lapses
 PUBLISH_BATCH = 500  # events per bus message
+# How far past the time of the read the cursor may move: the source's clock may run a little
+# ahead of ours. No more than a usual overlap window, which then re-reads what it skipped.
+FUTURE_TOLERANCE = timedelta(minutes=5)
+TIME_TYPES = ("datetime", "date")
+
+
+@dataclasses.dataclass(slots=True)
+class Rejected:
+    """A record read from the source that cannot be published, and why."""
+
+    key: str
+    record: dict[str, Any]
+    reason: str
 
 
 class Poller:
@@ -61,6 +105,8 @@ class Poller:
         self.publish_batch = publish_batch
         self.page_size = page_size
         self._running: dict[str, asyncio.Task[None]] = {}
+        # records dead-lettered by this process: (flow, entity, key) -> the version
+        self._dead_lettered: dict[tuple[str, str, str], str] = {}
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -121,8 +167,15 @@ class Poller:
             interval = stored.flow.poll_interval
             if stored.enabled:
                 await self.poll_flow(stored.flow, stored.version)
-        except Exception:
-            log.exception("poll of flow %s failed", name, extra={"flow": name})
+        except Exception as exc:
+            log.error(
+                "poll of flow %s failed (%s): %s",
+                name,
+                classify(exc),
+                _line(exc),
+                extra={"flow": name},
+            )
+            log.debug("poll of flow %s failed", name, exc_info=True)
         finally:
             heartbeat.cancel()
             self._running.pop(name, None)
@@ -139,22 +192,43 @@ class Poller:
     # -- one poll -----------------------------------------------------------------------------
 
     async def poll_flow(self, flow: Flow, version: int) -> int:
-        """Poll every entity of a flow once; returns the number of events published."""
+        """Poll every entity of a flow once; returns the number of events published. An
+        entity that fails is recorded and logged, and the next entity is polled all the same."""
         source = await self.ctx.connector(flow.source)
         assert isinstance(source, Source), f"connection {flow.source} cannot be a source"
+        case_sensitive = await load_case_sensitive_keys(self.ctx.pool, flow.source)
         total = 0
         for entity in flow.entities:
             try:
-                total += await self.poll_entity(flow, version, entity, source)
+                total += await self.poll_entity(flow, version, entity, source, case_sensitive)
             except Exception as exc:
-                await self._record_poll(flow.name, entity.source.entity, "error", 0, exc)
-                raise
+                log.error(
+                    "poll of flow %s, entity %s failed (%s): %s; its other entities are polled",
+                    flow.name,
+                    entity.source.entity,
+                    classify(exc),
+                    _line(exc),
+                    extra={"flow": flow.name, "entity": entity.source.entity},
+                )
+                log.debug("poll of %s %s failed", flow.name, entity.name, exc_info=True)
+                with contextlib.suppress(Exception):
+                    await self._record_poll(flow.name, entity.source.entity, "error", 0, exc)
         return total
 
+    def _stream(
+        self, entity: EntityMapping, case_sensitive: bool, page_size: int | None = None
+    ) -> StreamSpec:
+        return dataclasses.replace(entity.stream(page_size), case_sensitive_keys=case_sensitive)
+
     async def poll_entity(
-        self, flow: Flow, version: int, entity: EntityMapping, source: Source
+        self,
+        flow: Flow,
+        version: int,
+        entity: EntityMapping,
+        source: Source,
+        case_sensitive_keys: bool = True,
     ) -> int:
-        stream = entity.stream(self.page_size)
+        stream = self._stream(entity, case_sensitive_keys, self.page_size)
         detection = entity.source.change_detection
         row = await self.ctx.pool.fetchrow(
             "SELECT value, last_full_at FROM cursors WHERE flow = $1 AND entity = $2",
@@ -167,18 +241,42 @@ class Poller:
         if detection.full_every and not full:
             age = (utcnow() - last_full).total_seconds() if last_full else None
             full = age is None or age >= detection.full_every
-        since = None if full else widen(cursor, detection.overlap, detection.field_type)
+        since = None
+        if not full:
+            try:
+                since = widen(cursor, detection.overlap, detection.field_type)
+            except ValueError:
+                log.warning(
+                    "flow %s, %s: the cursor %r is no %s; reading everything",
+                    flow.name,
+                    stream.entity,
+                    cursor,
+                    detection.field_type,
+                    extra={"flow": flow.name, "entity": stream.entity},
+                )
+                full = True
         day = date.today() if is_time_dependent(entity) else None
         high_water = cursor
         published = 0
         started = utcnow()
+        until = (
+            started + FUTURE_TOLERANCE
+            if stream.change_field and detection.field_type in TIME_TYPES
+            else None
+        )
         async for page in source.changed_since(stream, since):
-            events, known = await self._changed_events(flow, version, entity, stream, page, day)
+            events, known, rejected = await self._changed_events(
+                flow, version, entity, stream, page, day
+            )
             if events:
                 await self._publish(flow, stream, events, known)
                 published += len(events)
+            if rejected:
+                await self._dead_letter(flow, version, stream, rejected)
             if stream.change_field:
-                high_water = max_value(high_water, page, stream.change_field)
+                high_water = max_value(high_water, page, stream.change_field, until=until)
+                if until is not None and events:
+                    self._report_future(flow, stream, events, until)
             await self.renew_lease(flow.name)
         value = high_water if stream.change_field else started.isoformat()
         await self._record_poll(flow.name, stream.entity, "ok", published, None, value)
@@ -206,19 +304,36 @@ class Poller:
         stream: StreamSpec,
         page: list[dict[str, Any]],
         day: date | None,
-    ) -> tuple[list[ChangeEvent], Collection[str]]:
+    ) -> tuple[list[ChangeEvent], Collection[str], list[Rejected]]:
         """The page's records whose content changed since they were last published, reduced
-        to the columns the mapping reads (a change to any other column is no change), and the
-        keys that have a snapshot already."""
+        to the columns the mapping reads (a change to any other column is no change), the keys
+        that have a snapshot already, and the records that cannot be published (their key
+        cannot name them). Text no database or JSON can carry is cleaned out of the others."""
         latest: dict[str, tuple[str, dict[str, Any]]] = {}
+        rejected: list[Rejected] = []
+        arity = len(stream.key_fields)
         for row in page:
             record = entity.project(row)
-            digest = content_hash(record if day is None else [record, day.isoformat()])
-            latest[stream.key_of(record)] = (digest, record)
-        rows = await self.ctx.pool.fetch(
-            SNAPSHOTS_BY_KEY_SQL, flow.name, stream.entity, list(latest)
-        )
-        previous = {row["key"]: row["hash"] for row in rows}
+            key = stream.key_of(record)
+            problem = key_problem(key, arity)
+            if problem is not None:
+                reason = (
+                    f"flow {flow.name!r}: {stream.entity} record with key {key!r}: the key"
+                    f" {problem}; fix the record in the source, then discard this letter"
+                )
+                rejected.append(Rejected(key, record, reason))
+                continue
+            digest = _digest(record if day is None else [record, day.isoformat()])
+            if digest is None:  # a NUL or a lone surrogate: cleaned, then hashed
+                record = self._cleaned(flow, stream, key, record)
+                digest = content_hash(record if day is None else [record, day.isoformat()])
+            latest[key] = (digest, record)
+        previous: dict[str, str] = {}
+        if latest:
+            rows = await self.ctx.pool.fetch(
+                SNAPSHOTS_BY_KEY_SQL, flow.name, stream.entity, list(latest)
+            )
+            previous = {row["key"]: row["hash"] for row in rows}
         source_system = await self.ctx.system_of(flow.source)
         now = utcnow()
         events = [
@@ -236,7 +351,128 @@ class Poller:
             for key, (digest, record) in latest.items()
             if previous.get(key) != digest
         ]
-        return events, previous.keys()
+        return events, previous.keys(), rejected
+
+    def _cleaned(
+        self, flow: Flow, stream: StreamSpec, key: str, record: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``record`` without NUL characters, and with U+FFFD for lone surrogates."""
+        cleaned: dict[str, Any] = clean_value(record, nul="")
+        columns = [name for name in record if cleaned.get(name) != record[name]]
+        if columns:
+            metrics.SOURCE_VALUES_CLEANED.labels(flow.name, stream.entity).inc()
+            log.warning(
+                "flow %s, %s %s: NUL characters removed and invalid Unicode replaced in %s"
+                " (no database or JSON carries them)",
+                flow.name,
+                stream.entity,
+                key,
+                ", ".join(columns),
+                extra={"flow": flow.name, "entity": stream.entity, "record": key},
+            )
+        return cleaned
+
+    async def _dead_letter(
+        self, flow: Flow, version: int, stream: StreamSpec, rejected: list[Rejected]
+    ) -> None:
+        """Dead-letter the records that cannot be published (one letter for them all, into
+        the dead-letter queue of the changes' consumers, each with its reason in the audit
+        trail); a record this process dead-lettered at the same version is left alone."""
+        source_system = await self.ctx.system_of(flow.source)
+        now = utcnow()
+        events: list[ChangeEvent] = []
+        reasons: list[str] = []
+        versions: dict[tuple[str, str, str], str] = {}
+        for item in rejected:
+            # JSON carries a NUL (escaped), never a lone surrogate
+            record = clean_value(item.record, nul=None)
+            digest = content_hash(record)
+            seen = (flow.name, stream.entity, item.key)
+            if self._dead_lettered.get(seen) == digest or versions.get(seen) == digest:
+                continue
+            versions[seen] = digest
+            events.append(
+                ChangeEvent.build(
+                    flow=flow.name,
+                    flow_version=version,
+                    source_connection=flow.source,
+                    source_system=source_system,
+                    entity=stream.entity,
+                    key=clean_text(item.key, nul=None),
+                    version=digest,
+                    observed_at=now,
+                    record=record,
+                )
+            )
+            reasons.append(item.reason)
+        if not events:
+            return
+        batch = ChangeBatch(flow=flow.name, entity=stream.entity, events=events)
+        reason = reasons[0]
+        if len(events) > 1:
+            reason = f"{len(events)} records cannot be published; {'; '.join(reasons[:3])}"
+        await self.ctx.bus.dead_letter(
+            MAPPER_QUEUE,
+            f"{source_system}.{stream.entity}",
+            batch,
+            FailureClass.PERMANENT,
+            reason,
+            service=self.ctx.actor,
+        )
+        direction = f"{source_system}->{await self.ctx.system_of(flow.target)}"
+        await self.ctx.audit.write(
+            AuditEvent(
+                stage="polled",
+                status="dead_lettered",
+                actor=self.ctx.actor,
+                flow=flow.name,
+                direction=direction,
+                source_ref=f"{source_system}:{stream.entity}:{event.key}",
+                event_id=event.event_id,
+                message_id=batch.batch_id,
+                error_class=str(FailureClass.PERMANENT),
+                error=why,
+                source_version=event.version,
+                flow_version=version,
+                at=now,
+            )
+            for event, why in zip(events, reasons, strict=True)
+        )
+        self._dead_lettered.update(versions)
+        metrics.RECORDS.labels(flow.name, "failed").inc(len(events))
+
+    def _report_future(
+        self, flow: Flow, stream: StreamSpec, events: list[ChangeEvent], until: datetime
+    ) -> None:
+        """Warn of each published record whose change field lies past ``until``: it is
+        synced, and the cursor does not follow it."""
+        field = stream.change_field
+        assert field is not None
+        future: set[str] = set()
+        for value in {
+            str(e.record[field]) for e in events if e.record.get(field) not in ("", None)
+        }:
+            with contextlib.suppress(ValueError):
+                if to_datetime(value) > until:
+                    future.add(value)
+        if not future:
+            return
+        for event in events:
+            value = event.record.get(field)
+            if value in ("", None) or str(value) not in future:
+                continue
+            metrics.FUTURE_CHANGES.labels(flow.name, stream.entity).inc()
+            log.warning(
+                "flow %s, %s %s: %s is %s, later than the time of the read; the record is"
+                " published, the cursor stops at %s",
+                flow.name,
+                stream.entity,
+                event.key,
+                field,
+                value,
+                _format(until),
+                extra={"flow": flow.name, "entity": stream.entity, "record": event.key},
+            )
 
     async def _publish(
         self, flow: Flow, stream: StreamSpec, events: list[ChangeEvent], known: Collection[str]
@@ -334,7 +570,7 @@ class Poller:
                 flow,
                 entity,
                 f"error:{classify(error)}",
-                describe(error),
+                clean_text(redact(describe(error))),
             )
 
     # -- webhook notices ----------------------------------------------------------------------
@@ -363,32 +599,84 @@ class Poller:
                     continue
                 source = await self.ctx.connector(connection)
                 assert isinstance(source, Source)
-                stream = mapping.stream()
+                case_sensitive = await load_case_sensitive_keys(self.ctx.pool, connection)
+                stream = self._stream(mapping, case_sensitive)
                 records = await source.fetch(stream, ids)
                 day = date.today() if is_time_dependent(mapping) else None
-                events, known = await self._changed_events(
+                events, known, rejected = await self._changed_events(
                     flow, stored.version, mapping, stream, records, day
                 )
                 if events:
                     await self._publish(flow, stream, events, known)
+                if rejected:
+                    await self._dead_letter(flow, stored.version, stream, rejected)
 
 
 def widen(cursor: str | None, overlap_s: float, field_type: str) -> str | None:
-    """The cursor minus the overlap window, so late commits and equal timestamps are re-read."""
+    """The cursor minus the overlap window, so late commits and equal timestamps are re-read.
+    ValueError: a time-typed cursor that is no time."""
     if cursor is None:
         return None
-    if field_type in ("datetime", "date"):
-        moment = to_datetime(cursor) - timedelta(seconds=overlap_s)
-        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if field_type in TIME_TYPES:
+        moment = to_datetime(cursor)
+        try:
+            moment = moment.astimezone(UTC) - timedelta(seconds=overlap_s)
+        except OverflowError:  # widened past year 1
+            moment = datetime.min.replace(tzinfo=UTC)
+        return _format(moment)
     return cursor
 
 
-def max_value(current: str | None, page: list[dict[str, Any]], field: str) -> str | None:
+def max_value(
+    current: str | None,
+    page: list[dict[str, Any]],
+    field: str,
+    *,
+    until: datetime | None = None,
+) -> str | None:
+    """The high-water mark of ``page`` and the ``current`` cursor. ``until`` (a time-typed
+    field): the mark is a time no later than ``until``; a later value gives ``until`` itself,
+    and a value that is no time is not taken."""
     # each distinct value parsed once: a page of invoices shares a few hundred dates
     values = {str(r[field]) for r in page if r.get(field) not in (None, "")}
     if current is not None:
         values.add(current)
-    return max(values, default=None, key=_sortable)
+    if until is None:
+        return max(values, default=None, key=_sortable)
+    best: tuple[datetime, str] | None = None
+    for value in values:
+        try:
+            moment = to_datetime(value)
+        except ValueError:
+            continue
+        if moment > until:
+            moment, value = until, _format(until)
+        if best is None or moment > best[0]:
+            best = (moment, value)
+    return None if best is None else best[1]
+
+
+def _format(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ`` in UTC, the year in four digits (strftime drops the zeros)."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
+def _digest(value: Any) -> str | None:
+    """``content_hash(value)``, or None when ``value`` holds text that PostgreSQL (a NUL
+    character) or JSON (a lone surrogate) cannot carry. The one serialization both checks and
+    hashes (a NUL is the six characters of its JSON escape; a value that merely spells them
+    costs a needless clean, no more)."""
+    try:
+        data = to_json(value, fallback=str)
+    except PydanticSerializationError:
+        return None
+    if b"\\u0000" in data:
+        return None
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _line(exc: BaseException) -> str:
+    return clean_text(redact(describe(exc)))[:500]
 
 
 def _sortable(value: str) -> Any:
@@ -402,4 +690,4 @@ async def run(ctx: ServiceContext, stop: asyncio.Event) -> None:
     await Poller(ctx).run(stop)
 
 
-__all__ = ["Poller", "max_value", "run", "widen"]
+__all__ = ["FUTURE_TOLERANCE", "Poller", "max_value", "run", "widen"]

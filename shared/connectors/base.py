@@ -5,7 +5,8 @@ A connector reads like a description of its API; the pipeline only sees these sh
 - ``Source.changed_since(stream, since)``: async iterator over pages (lists of raw records) of
   everything changed since ``since`` (already widened by the overlap window), in a stable order
   (change field, then key); ``since=None`` reads everything (backfill, snapshot mode).
-- ``Source.fetch(entity, ids)``: the full records a webhook named.
+- ``Source.fetch(entity, ids)``: the full records a webhook named; ``ids`` are identity keys
+  (``StreamSpec.key_of``), taken apart with ``shared.keys.decode_key``.
 - ``Sink.upsert(entity, records, match_on)``: one ``WriteOutcome`` per record, in order.
 - ``Sink.find_id(entity, field, value)``: the target id of the record whose ``field`` equals
   ``value`` exactly, or None (used to resolve a parent not yet in ``record_links``).
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from shared.failures import FailureClass
+from shared.keys import encode_key
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,16 @@ class StreamSpec:
     change_field: str | None = None  # None: snapshot comparison by content hash
     select: tuple[str, ...] | None = None
     page_size: int | None = None
+    # False: the source compares keys case-insensitively, and identity keys are upper-cased
+    # (``shared.keys``; the poller sets it from the source connection)
+    case_sensitive_keys: bool = True
 
     def key_of(self, record: dict[str, Any]) -> str:
-        return "|".join(str(record.get(name, "")).strip() for name in self.key_fields)
+        """The record's identity key (``shared.keys.encode_key``: composite keys escaped)."""
+        get = record.get
+        return encode_key(
+            [get(name) for name in self.key_fields], case_sensitive=self.case_sensitive_keys
+        )
 
 
 @dataclass

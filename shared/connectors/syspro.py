@@ -52,6 +52,7 @@ from shared.failures import (
     parse_retry_after,
 )
 from shared.http import CallTimer, client_session, parse_json, transport_error
+from shared.keys import decode_key
 from shared.ratelimit import RateLimiter
 from shared.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
 from shared.tokens import Token, TokenCache, TokenManager
@@ -139,6 +140,13 @@ class SysproSettings(BaseModel):
     )
     page_size: int = Field(default=1000, ge=1, le=100_000, description="rows per request ($top)")
     max_concurrency: int = Field(default=4, ge=1, le=64)
+    case_sensitive_keys: bool = Field(
+        default=False,
+        description=(
+            "whether keys that differ only by case are different records; SQL Server's default"
+            " collation says no, so c0001 and C0001 are one customer (keys are upper-cased)"
+        ),
+    )
     timeout_s: float = Field(default=60.0, gt=0, le=900)
 
     @field_validator("rest_url")
@@ -872,7 +880,7 @@ class SysproConnector:
             skip += received
 
     async def fetch(self, stream: StreamSpec, ids: list[str]) -> list[dict[str, Any]]:
-        """The rows whose key (``StreamSpec.key_of``: key fields joined by ``|``) is in ``ids``."""
+        """The rows whose key (``StreamSpec.key_of``, ``shared.keys``) is in ``ids``."""
         entity_set, params = self._stream_query(stream)
         params["$orderby"] = ",".join(stream.key_fields)
         clauses = [self._key_clause(stream, key) for key in dict.fromkeys(ids)]
@@ -898,12 +906,13 @@ class SysproConnector:
 
     @staticmethod
     def _key_clause(stream: StreamSpec, key: str) -> str:
-        parts = key.split("|")
-        if len(parts) != len(stream.key_fields):
+        try:
+            parts = decode_key(key, len(stream.key_fields))
+        except ValueError:
             raise PermanentError(
                 f"{stream.entity} id {key!r} does not have the key {'|'.join(stream.key_fields)}",
                 code="BAD_ID",
-            )
+            ) from None
         terms = [
             f"{name} eq {odata_literal(value)}"
             for name, value in zip(stream.key_fields, parts, strict=True)
