@@ -219,6 +219,9 @@ def classify(exc: BaseException) -> FailureClass:
     """The failure class of any exception at all (see the module docstring)."""
     if isinstance(exc, ConnectorError):
         return exc.failure_class
+    if not isinstance(exc, Exception):
+        # a cancellation, an interrupt, an exit: not a failure, and nothing may retry it
+        return FailureClass.PERMANENT
     declared = getattr(exc, "failure_class", None)
     if isinstance(declared, FailureClass):
         return declared

@@ -4,6 +4,7 @@ into one dead letter; dead letters of any shape read back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ from shared.messages import (
     decode,
     decode_records,
 )
+from shared.retry import RetryPolicy, call_with_retries
 from shared.vault import VaultError
 
 # -- the classification -----------------------------------------------------------------------
@@ -48,6 +50,20 @@ def test_an_unknown_exception_is_transient_and_named_by_its_class(exc: Exception
     assert classify(exc) is FailureClass.TRANSIENT
     assert describe(exc).startswith(f"{type(exc).__name__}: ")
     assert not is_infrastructure(exc)
+
+
+async def test_a_cancellation_is_never_retried() -> None:
+    assert classify(asyncio.CancelledError()) is FailureClass.PERMANENT
+    assert classify(KeyboardInterrupt()) is FailureClass.PERMANENT
+    calls: list[int] = []
+
+    async def call() -> None:
+        calls.append(1)
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await call_with_retries(call, policy=RetryPolicy(attempts=3, base_delay_s=0.01))
+    assert calls == [1]
 
 
 def test_describe_keeps_our_own_errors_as_they_are_and_on_one_line() -> None:
