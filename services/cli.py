@@ -76,11 +76,15 @@ def run(service: str, health_port: int | None) -> None:
     """Run one service (or all of them in one process, for development and the demo)."""
     settings = load_settings()
     from services.runtime import tune_garbage_collector
+    from shared.bus import TopologyError
     from shared.logs import setup_logging
 
     setup_logging(service, settings.log_level)
     tune_garbage_collector()
-    _run(run_services(settings, service, health_port))
+    try:
+        _run(run_services(settings, service, health_port))
+    except TopologyError as exc:  # a queue declared otherwise before: one line, what to do
+        _fail(str(exc))
 
 
 async def run_services(

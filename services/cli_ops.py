@@ -429,7 +429,9 @@ def _dlq_filters(f: Any) -> Any:
         click.option("--queue", help="dead-letter queue name or part of it"),
         click.option("--flow"),
         click.option(
-            "--error-class", type=click.Choice(["throttled", "transient", "auth", "permanent"])
+            "--error-class",
+            type=click.Choice(["throttled", "transient", "auth", "permanent", "broker"]),
+            help="the failure class, or 'broker' for letters the broker dead-lettered itself",
         ),
         click.option("--message-id"),
         click.option("--since", help="failed within this window (1h) or after an ISO time"),
@@ -482,15 +484,28 @@ def dlq_list(as_json: bool, **kwargs: Any) -> None:
         return
     for r in rows:
         click.echo(
-            f"{r['message_id'][:12]:<13} {r['queue']:<34} {r['error_class']:<10}"
-            f" attempts {r['attempts']}  {len(r['records'])} record(s)  {r['error']}"
+            f"{r['message_id'][:12]:<13} {r['queue']:<34} {r['reason']:<10}"
+            f" attempts {r['attempts'] if r['attempts'] is not None else '?'}"
+            f"  {len(r['records'])} record(s)  {_one_line(r['error'])}"
         )
+        if r["exception"]:
+            click.echo(f"{'':13} exception: {r['exception']}")
+        if not r["decoded"]:
+            click.echo(
+                f"{'':13} its body is not a valid {r['type'] or 'message'} for this version"
+                " (dlq show prints it)"
+            )
         if r["superseded"]:
             click.echo(
                 f"{'':13} {len(r['superseded'])} of them landed since at a newer version:"
                 " replaying those changes nothing; discard them"
             )
     click.echo(f"{len(rows)} dead letter(s)")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dlq.command("show")
@@ -509,7 +524,12 @@ def dlq_show(message_id: str, queue: str | None) -> None:
 
     async def action(ctx: Any, browser: Any, letters: list[Any]) -> list[dict[str, Any]]:
         return [
-            {**letter.summary(), "headers": letter.headers, "body": json.loads(letter.message.body)}
+            {
+                **letter.summary(),
+                "headers": letter.headers,
+                # the body as JSON, or as text when it is not JSON
+                "body": letter.raw if letter.raw is not None else letter.body_text,
+            }
             for letter in letters
         ]
 
@@ -534,28 +554,39 @@ def _operator() -> str:
 def dlq_replay(dry_run: bool, force: bool, **kwargs: Any) -> None:
     """Re-publish dead letters to their original exchange and routing key, with a fresh
     attempt count, recording the replay in the audit trail."""
-    from services.ops.dlq import disabled_flows
+    from services.ops.dlq import ReplayError, disabled_flows
 
     async def action(ctx: Any, browser: Any, letters: list[Any]) -> tuple[int, list[str]]:
         replayed, refused = 0, []
         for letter in letters:
             off = await disabled_flows(ctx.flows, letter)
             if off and not force:
-                refused.append(f"{letter.message_id}: flow {', '.join(off)} is disabled")
+                refused.append(
+                    f"{letter.message_id}: flow {', '.join(off)} is disabled"
+                    " (enable it, or use --force)"
+                )
                 continue
             if dry_run:
+                if not letter.original_routing_key:
+                    refused.append(f"{letter.message_id}: it names no original routing key")
+                    continue
                 click.echo(
                     f"would replay {letter.message_id}"
-                    f" -> {letter.summary()['original_routing_key']}"
+                    f" -> {letter.original_exchange or '(default exchange)'}"
+                    f" {letter.original_routing_key}"
                 )
             else:
-                await browser.replay(letter, audit=ctx.audit, actor=_operator())
+                try:
+                    await browser.replay(letter, audit=ctx.audit, actor=_operator())
+                except ReplayError as exc:
+                    refused.append(str(exc))
+                    continue
             replayed += 1
         return replayed, refused
 
     count, refused = _run(_with_letters(kwargs, action))
     for line in refused:
-        click.echo(f"not replayed: {line} (enable it, or use --force)", err=True)
+        click.echo(f"not replayed: {line}", err=True)
     click.echo(f"{'would replay' if dry_run else 'replayed'} {count} dead letter(s)")
     if refused:
         sys.exit(1)

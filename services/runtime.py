@@ -20,14 +20,22 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared import db
-from shared.audit import AuditWriter
-from shared.bus import Bus, Topology, WorkQueue
+from shared.audit import AuditEvent, AuditWriter
+from shared.bus import (
+    H_FAILED_RECORDS,
+    H_RECORD_ERRORS,
+    Bus,
+    RecordFailure,
+    Topology,
+    WorkQueue,
+    record_errors,
+)
 from shared.connections import ConnectionStore
 from shared.connectors.base import Connector
 from shared.failures import FailureClass
 from shared.flow_store import FlowStore
 from shared.logs import register_secret
-from shared.messages import Message, MessageFormatError, decode
+from shared.messages import DecodedBatch, Message, MessageFormatError, decode_records
 from shared.settings import Settings
 from shared.vault import Vault
 
@@ -75,10 +83,14 @@ class ServiceContext:
     async def decode_or_dead_letter(
         self, message: AbstractIncomingMessage, queue: WorkQueue, expected: type[M]
     ) -> M | None:
-        """The message as ``expected``; one that is not is dead-lettered (and acked) at once."""
+        """The message as ``expected``, with its valid records only. Records that are not
+        valid (a missing field, a schema version this build does not know) are dead-lettered
+        together, in one letter naming each and why, and audited; a message that is not an
+        ``expected`` batch at all is dead-lettered whole. Returns None when nothing is left
+        (the message is then acked)."""
         try:
-            decoded = decode(message.type, message.body)
-            if not isinstance(decoded, expected):
+            decoded = decode_records(message.type, message.body)
+            if decoded.message is not None and not isinstance(decoded.message, expected):
                 raise MessageFormatError(f"{queue.name} got a {message.type} message")
         except MessageFormatError as exc:
             await self.bus.route_failure(
@@ -86,7 +98,49 @@ class ServiceContext:
             )
             await message.ack()
             return None
-        return decoded
+        if decoded.rejected:
+            await self._dead_letter_rejected(message, queue, decoded)
+        if decoded.message is None:
+            await message.ack()
+            return None
+        return decoded.message  # type: ignore[return-value]
+
+    async def _dead_letter_rejected(
+        self, message: AbstractIncomingMessage, queue: WorkQueue, decoded: DecodedBatch
+    ) -> None:
+        summary = decoded.summary()
+        flow = (decoded.envelope or {}).get("flow")
+        await self.audit.write(
+            AuditEvent(
+                stage="received",
+                status="dead_lettered",
+                actor=self.actor,
+                flow=flow if isinstance(flow, str) else None,
+                source_ref=r.ref,
+                message_id=message.message_id,
+                error_class=str(FailureClass.PERMANENT),
+                error=r.reason,
+            )
+            for r in decoded.rejected
+        )
+        await self.bus.route_failure(
+            message,
+            queue,
+            FailureClass.PERMANENT,
+            summary,
+            # every record refused: the message as it came
+            body=None if decoded.message is None else decoded.rejected_body(),
+            service=self.actor,
+            extra_headers={
+                H_FAILED_RECORDS: len(decoded.rejected),
+                H_RECORD_ERRORS: record_errors(
+                    [
+                        RecordFailure(r.index, r.ref, FailureClass.PERMANENT, r.reason)
+                        for r in decoded.rejected
+                    ]
+                ),
+            },
+        )
 
     async def system_of(self, connection: str) -> str:
         """Read once per service, as its connector is opened once (the mapper and poller ask
@@ -121,11 +175,24 @@ async def open_context(settings: Settings, service: str, *, declare: bool = True
         topology_from(settings),
         management_url=settings.rabbitmq_api_url or None,
     )
-    await bus.connect()
-    if declare:
-        await bus.declare()
+    try:
+        await bus.connect()
+        if declare:
+            await bus.declare()  # TopologyError: one line naming the queue and what to do
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await bus.close()
+        await pool.close()
+        raise
     vault = Vault.from_settings(settings)
     audit = await AuditWriter(pool).start()
+    actor = actor_name(settings, service)
+    bus.actor = actor
+
+    async def database_answers() -> None:
+        await pool.fetchval("SELECT 1")
+
+    bus.infrastructure_probe = database_answers
     return ServiceContext(
         settings=settings,
         pool=pool,
@@ -134,7 +201,7 @@ async def open_context(settings: Settings, service: str, *, declare: bool = True
         vault=vault,
         connections=ConnectionStore(pool, vault),
         flows=FlowStore(pool),
-        actor=actor_name(settings, service),
+        actor=actor,
     )
 
 

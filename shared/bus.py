@@ -12,6 +12,12 @@ Topology (names carry the prefix, ``mlc`` by default):
 Retry and dead-letter queues are reached through the default exchange, so a failed record goes
 back to its own work queue only; the original exchange and routing key travel in headers and are
 what ``dlq replay`` publishes to.
+
+Every failure of a handler goes through ``shared.failures.classify`` (see ``Bus.consume``): an
+outage of the database or broker holds the message and runs the handler again once they answer;
+any other exception routes the message to retry or the dead-letter queue with its class, the
+error and the original exchange and routing key. No message is ever requeued by a nack, so the
+broker's delivery limit is only a last resort (a consumer process that dies on a message).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -38,7 +44,13 @@ from aiormq.exceptions import DeliveryError, PublishError
 from pamqp.commands import Basic
 
 from shared import metrics
-from shared.failures import FailureClass
+from shared.failures import (
+    FailureClass,
+    classify,
+    describe,
+    exception_name,
+    is_infrastructure,
+)
 from shared.logs import redact
 from shared.messages import Message, encode
 
@@ -57,14 +69,32 @@ H_ORIG_ROUTING_KEY = "x-mlc-original-routing-key"
 H_QUEUE = "x-mlc-queue"
 H_SERVICE = "x-mlc-service"
 H_REPLAYS = "x-mlc-replays"
+H_EXCEPTION = "x-mlc-exception"  # the Python class of an unexpected exception
+H_FAILED_RECORDS = "x-mlc-failed-records"  # records in a letter that groups several failures
+H_RECORD_ERRORS = "x-mlc-record-errors"  # their errors, one string each (the first ones)
+H_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on a redelivery
+
+# A dead letter that groups records lists at most this many of their errors in its headers (the
+# audit trail has every one): headers must fit in one AMQP frame.
+MAX_RECORD_ERRORS = 50
+
+
+class TopologyError(RuntimeError):
+    """A queue exists with other arguments than this build declares, and cannot be migrated
+    automatically. The message is one line naming the queue and what to do."""
 
 
 class UnroutableError(RuntimeError):
-    """The broker returned a mandatory message: no queue is bound for its routing key."""
+    """The broker returned a mandatory message: no queue is bound for its routing key (a
+    writer target that is not configured: MLC_WRITER_TARGETS)."""
+
+    failure_class = FailureClass.PERMANENT
 
 
 class BrokerRefusedError(RuntimeError):
     """The broker nacked a publish (a full queue with reject-publish, an internal error)."""
+
+    failure_class = FailureClass.TRANSIENT
 
 
 class Routed(StrEnum):
@@ -142,8 +172,32 @@ class QueueDepth:
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
+Probe = Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class RecordFailure:
+    """One record of a batch that failed: its position in the batch, a reference that names it
+    to a reader (``syspro:ArCustomer:C1``), its class and error, and the class of an
+    unexpected exception when there was one."""
+
+    index: int
+    ref: str
+    failure: FailureClass
+    error: str
+    exception: str | None = None
+
+
 class Bus:
-    def __init__(self, url: str, topology: Topology, *, management_url: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        *,
+        management_url: str | None = None,
+        hold_backoff_s: tuple[float, float] = (0.5, 30.0),
+        hold_strikes: int = 5,
+    ):
         self.url = url
         self.topology = topology
         self.management_url = management_url
@@ -151,6 +205,16 @@ class Bus:
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._consumer_channels: list[AbstractChannel] = []
+        # While the database or broker is away, a message is held and its handler run again
+        # after a delay that doubles from the first value up to the second.
+        self.hold_backoff_s = hold_backoff_s
+        # ``infrastructure_probe`` (set by the service: ``SELECT 1``) tells a real outage from a
+        # handler that raises a database error for another reason: once the probe answers,
+        # the held handler gets ``hold_strikes`` more runs, then the message is routed as
+        # transient like any other failure.
+        self.infrastructure_probe: Probe | None = None
+        self.hold_strikes = hold_strikes
+        self.actor = ""  # the service replica, stamped on the dead letters it routes
 
     async def connect(self) -> Bus:
         self.connection = await aio_pika.connect_robust(
@@ -182,48 +246,115 @@ class Bus:
             raise RuntimeError("bus is not connected")
         return self._publish_channel
 
+    async def plain_channel(self) -> AbstractChannel:
+        """A channel that is not restored when the broker closes it: for operations that may
+        be refused (a declaration that does not match, an exchange that may not exist). A
+        robust channel would be reopened and replayed after such a refusal."""
+        assert self.connection is not None, "bus is not connected"
+        channel = aio_pika.Channel(self.connection, publisher_confirms=False)
+        await channel
+        return channel
+
     # -- topology -----------------------------------------------------------------------------
 
     async def declare(self) -> None:
-        """Declare every exchange and queue; declaring twice changes nothing."""
+        """Declare every exchange and queue; declaring twice changes nothing.
+
+        A retry queue declared earlier with another delay (``MLC_RETRY_DELAYS_S`` changed) is
+        migrated when it is empty: deleted and declared again. One that holds messages, or any
+        other queue whose arguments differ, stops the start with a ``TopologyError`` naming it.
+        Declares on a channel of its own: the broker closes a channel on such a mismatch."""
         topo = self.topology
-        channel = self.channel
-        for logical in EXCHANGES:
-            self._exchanges[logical] = await channel.declare_exchange(
-                topo.exchange(logical), aio_pika.ExchangeType.TOPIC, durable=True
-            )
-        for wq in topo.work_queues:
-            work_name, dlq_name = topo.queue(wq), topo.dlq(wq)
-            await channel.declare_queue(dlq_name, durable=True, arguments=_quorum_args())
-            queue = await channel.declare_queue(
-                work_name,
-                durable=True,
-                arguments=_quorum_args(
-                    **{
-                        "x-delivery-limit": topo.delivery_limit,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": dlq_name,
-                        "x-dead-letter-strategy": "at-least-once",
-                        "x-overflow": "reject-publish",
-                    }
-                ),
-            )
-            for key in wq.binding_keys:
-                await queue.bind(topo.exchange(wq.exchange), routing_key=key)
-            for attempt, delay in enumerate(topo.retry_delays_s, start=1):
-                await channel.declare_queue(
-                    topo.retry_queue(wq, attempt),
-                    durable=True,
-                    arguments=_quorum_args(
+        channel = await self.plain_channel()
+        try:
+            for logical in EXCHANGES:
+                await channel.declare_exchange(
+                    topo.exchange(logical), aio_pika.ExchangeType.TOPIC, durable=True
+                )
+            for wq in topo.work_queues:
+                work_name, dlq_name = topo.queue(wq), topo.dlq(wq)
+                channel, _ = await self._declare_queue(channel, dlq_name, _quorum_args())
+                channel, queue = await self._declare_queue(
+                    channel,
+                    work_name,
+                    _quorum_args(
                         **{
-                            "x-message-ttl": int(delay * 1000),
+                            "x-delivery-limit": topo.delivery_limit,
                             "x-dead-letter-exchange": "",
-                            "x-dead-letter-routing-key": work_name,
+                            "x-dead-letter-routing-key": dlq_name,
                             "x-dead-letter-strategy": "at-least-once",
                             "x-overflow": "reject-publish",
                         }
                     ),
                 )
+                for key in wq.binding_keys:
+                    await queue.bind(topo.exchange(wq.exchange), routing_key=key)
+                for attempt, delay in enumerate(topo.retry_delays_s, start=1):
+                    channel, _ = await self._declare_queue(
+                        channel,
+                        topo.retry_queue(wq, attempt),
+                        _quorum_args(
+                            **{
+                                "x-message-ttl": int(delay * 1000),
+                                "x-dead-letter-exchange": "",
+                                "x-dead-letter-routing-key": work_name,
+                                "x-dead-letter-strategy": "at-least-once",
+                                "x-overflow": "reject-publish",
+                            }
+                        ),
+                        retry_of=work_name,
+                    )
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._exchanges.clear()  # looked up again on the publishing channel
+
+    async def _declare_queue(
+        self,
+        channel: AbstractChannel,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        retry_of: str | None = None,
+    ) -> tuple[AbstractChannel, AbstractQueue]:
+        """Declare one queue; returns the channel to go on with (a new one after a mismatch)
+        and the queue. ``retry_of``: the work queue of a retry queue, which may be migrated."""
+        try:
+            return channel, await channel.declare_queue(name, durable=True, arguments=arguments)
+        except aio_pika.exceptions.ChannelPreconditionFailed:
+            pass
+        channel = await self.plain_channel()  # the broker closed the other one
+        if retry_of is None:
+            raise TopologyError(
+                f"queue {name} exists with other arguments than this version declares"
+                f" (x-delivery-limit {self.topology.delivery_limit}, quorum type); move its"
+                f" messages elsewhere and delete it, then start again"
+            )
+        ttl = arguments["x-message-ttl"] / 1000
+        held = (await channel.declare_queue(name, passive=True)).declaration_result.message_count
+        if held:
+            raise TopologyError(
+                f"retry queue {name} holds {held} message(s) and was declared with another"
+                f" delay than MLC_RETRY_DELAYS_S gives now ({ttl:g} s): start with the previous"
+                f" MLC_RETRY_DELAYS_S until it is empty (its messages go back to {retry_of} as"
+                f" their delay ends), then change it"
+            )
+        # Quorum queues cannot be deleted "if empty": it was empty a moment ago. Only a
+        # replica still running with the old delays routes into it; should a message have
+        # arrived in between, the broker's answer counts it and we say so.
+        deleted = await channel.queue_delete(name)
+        lost = getattr(deleted, "message_count", 0) or 0
+        if lost:
+            log.error(
+                "retry queue %s received %d message(s) while it was migrated; they are lost:"
+                " `ml-connector flows resync` reads their records again",
+                name,
+                lost,
+            )
+        log.warning(
+            "retry queue %s declared again with a delay of %g s (MLC_RETRY_DELAYS_S)", name, ttl
+        )
+        return channel, await channel.declare_queue(name, durable=True, arguments=arguments)
 
     async def delete_topology(self) -> None:
         """Remove every queue and exchange of this prefix (tests and ``bus reset``)."""
@@ -317,10 +448,9 @@ class Bus:
     ) -> AbstractQueue:
         """Deliver messages of a work queue to ``handler`` with manual acks.
 
-        The handler acks (or routes the failure and acks) itself. If it raises, the message
-        is returned to the queue (nack with requeue) and the error is logged: the delivery limit
-        of the quorum queue dead-letters a message that keeps crashing its consumer.
-        """
+        The handler acks (or routes the failure and acks) itself. If it raises, the failure
+        goes through the one classification (``_handle``); the message is never nacked back
+        to the queue, so a failing handler cannot spin on it."""
         assert self.connection is not None
         channel = await self.connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=prefetch)
@@ -328,16 +458,112 @@ class Bus:
         queue = await channel.get_queue(self.topology.queue(wq), ensure=True)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            try:
-                await handler(message)
-            except Exception:
-                log.exception("handler failed on %s; message returned to the queue", wq.name)
-                metrics.MESSAGES.labels(wq.name, "requeued").inc()
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
+            await self._handle(wq, handler, message)
 
         await queue.consume(on_message, no_ack=False)
         return queue
+
+    async def _handle(
+        self, wq: WorkQueue, handler: Handler, message: AbstractIncomingMessage
+    ) -> None:
+        """Run ``handler``; what it raises decides what happens to the message:
+
+        - the database or broker is unavailable (``is_infrastructure``): the message is held
+          (not acked, not requeued: its delivery count does not grow) and the handler runs
+          again after a back-off that doubles up to a cap, until they answer. A stop of the
+          service cancels the wait, and the broker delivers the message again later;
+        - anything else: the message goes to the next retry queue or the dead-letter queue
+          with its failure class, the exception's class and message, and the original
+          exchange and routing key (``route_failure``), and is acked."""
+        delay, cap = self.hold_backoff_s
+        strikes = 0
+        while True:
+            try:
+                await handler(message)
+                return
+            except Exception as exc:
+                if message.processed:  # acked or routed already: nothing left to decide
+                    log.error(
+                        "handler of %s failed after settling message %s: %s",
+                        wq.name,
+                        message.message_id,
+                        describe(exc),
+                    )
+                    return
+                if not is_infrastructure(exc) or strikes >= self.hold_strikes:
+                    await self._route_unhandled(wq, message, exc)
+                    return
+                if not _channel_open(message):
+                    log.warning(
+                        "%s: the broker connection went away during message %s (%s); the"
+                        " broker delivers it again",
+                        wq.name,
+                        message.message_id,
+                        describe(exc),
+                    )
+                    return
+                log.warning(
+                    "%s: the database or broker is unavailable (%s); holding message %s and"
+                    " trying again in %.1f s",
+                    wq.name,
+                    describe(exc),
+                    message.message_id,
+                    delay,
+                    extra={"queue": wq.name, "message_id": message.message_id},
+                )
+                metrics.MESSAGES.labels(wq.name, "held").inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap)
+                if await self._infrastructure_answers():
+                    strikes += 1
+
+    async def _infrastructure_answers(self) -> bool:
+        """Whether the database and broker answer now (False when there is no probe)."""
+        if self.infrastructure_probe is None:
+            return False
+        connection = self.connection
+        if connection is None or connection.is_closed:
+            return False
+        try:
+            await asyncio.wait_for(self.infrastructure_probe(), 5)
+        except Exception:
+            return False
+        return True
+
+    async def _route_unhandled(
+        self, wq: WorkQueue, message: AbstractIncomingMessage, exc: Exception
+    ) -> None:
+        failure, error = classify(exc), describe(exc)
+        log.error(
+            "%s: message %s failed (%s): %s",
+            wq.name,
+            message.message_id,
+            failure,
+            error,
+            extra={"queue": wq.name, "message_id": message.message_id},
+        )
+        log.debug("the failure of message %s", message.message_id, exc_info=exc)
+        delay, cap = self.hold_backoff_s
+        while True:
+            try:
+                await self.route_failure(
+                    message, wq, failure, error, service=self.actor, exception=exc
+                )
+                break
+            except Exception as route_exc:
+                if not _channel_open(message):
+                    return  # the broker delivers the message again
+                log.warning(
+                    "%s: cannot route failed message %s yet (%s); trying again in %.1f s",
+                    wq.name,
+                    message.message_id,
+                    describe(route_exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap)
+        with contextlib.suppress(Exception):
+            await message.ack()
 
     # -- failures -----------------------------------------------------------------------------
 
@@ -350,10 +576,16 @@ class Bus:
         *,
         body: bytes | None = None,
         service: str = "",
+        exception: BaseException | str | None = None,
+        extra_headers: dict[str, Any] | None = None,
     ) -> Routed:
-        """Send a failed message (or one record split out of it, ``body``) to the next retry
-        queue or to the dead-letter queue, with the failure headers stamped. Does not ack."""
+        """Send a failed message (or records split out of it, ``body``) to the next retry
+        queue or to the dead-letter queue, with the failure headers stamped: the class, the
+        error, the attempts, when, and the original exchange and routing key. ``exception``:
+        the unexpected exception (or its class name) behind the failure. Does not ack."""
         headers = dict(message.headers or {})
+        for stale in (H_EXCEPTION, H_FAILED_RECORDS, H_RECORD_ERRORS, H_DELIVERY_COUNT):
+            headers.pop(stale, None)
         attempts = int(headers.get(H_ATTEMPTS, 0) or 0) + 1
         now = datetime.now(UTC).isoformat()
         headers.update(
@@ -363,9 +595,14 @@ class Bus:
                 H_ATTEMPTS: attempts,
                 H_FAILED_AT: now,
                 H_QUEUE: self.topology.queue(wq),
-                H_SERVICE: service,
+                H_SERVICE: service or self.actor,
             }
         )
+        if isinstance(exception, BaseException):
+            exception = exception_name(exception)
+        if exception:
+            headers[H_EXCEPTION] = exception
+        headers.update(extra_headers or {})
         headers.setdefault(H_FIRST_FAILED, now)
         headers.setdefault(H_ORIG_EXCHANGE, message.exchange or "")
         headers.setdefault(H_ORIG_ROUTING_KEY, message.routing_key or "")
@@ -392,7 +629,7 @@ class Bus:
                 "queue": wq.name,
                 "message_id": message.message_id,
                 "error_class": str(failure),
-                "service": service or None,
+                "service": service or self.actor or None,
             },
         )
         return routed
@@ -441,6 +678,42 @@ class Bus:
                 "service": service or None,
             },
         )
+
+    async def route_records(
+        self,
+        message: AbstractIncomingMessage,
+        wq: WorkQueue,
+        failures: Sequence[RecordFailure],
+        body_for: Callable[[list[int]], bytes],
+        *,
+        service: str = "",
+    ) -> list[Routed]:
+        """Route the failed records of one batch message: one message per failure class,
+        carrying those records (``body_for`` builds the body from their positions), never one
+        message per record. Its error header summarises them; ``x-mlc-record-errors`` lists
+        each record's error (the first ``MAX_RECORD_ERRORS``; the audit trail has all)."""
+        groups: dict[FailureClass, list[RecordFailure]] = {}
+        for failure in failures:
+            groups.setdefault(failure.failure, []).append(failure)
+        routed = []
+        for failure_class, group in groups.items():
+            exceptions = sorted({f.exception for f in group if f.exception})
+            routed.append(
+                await self.route_failure(
+                    message,
+                    wq,
+                    failure_class,
+                    summarize(group),
+                    body=body_for([f.index for f in group]),
+                    service=service,
+                    exception=", ".join(exceptions[:5]) or None,
+                    extra_headers={
+                        H_FAILED_RECORDS: len(group),
+                        H_RECORD_ERRORS: record_errors(group),
+                    },
+                )
+            )
+        return routed
 
     # -- monitoring ---------------------------------------------------------------------------
 
@@ -507,3 +780,30 @@ class Bus:
             for row in rows
             if row.get("name") in wanted
         }
+
+
+def _channel_open(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel the message came on is still open (it can still be acked)."""
+    try:
+        return not message.channel.is_closed
+    except Exception:
+        return False
+
+
+def summarize(failures: Sequence[RecordFailure]) -> str:
+    """The error of a letter that carries ``failures``: a single record's own error, or how
+    many failed and the first few references with their errors."""
+    if len(failures) == 1:
+        return failures[0].error
+    if len({f.error for f in failures}) == 1:
+        return f"{len(failures)} records: {failures[0].error}"
+    shown = "; ".join(f"{f.ref}: {f.error[:200]}" for f in failures[:5])
+    more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+    return f"{len(failures)} records failed: {shown}{more}"
+
+
+def record_errors(failures: Sequence[RecordFailure]) -> list[str]:
+    out = [f"{f.ref}: {f.error[:300]}" for f in failures[:MAX_RECORD_ERRORS]]
+    if len(failures) > MAX_RECORD_ERRORS:
+        out.append(f"and {len(failures) - MAX_RECORD_ERRORS} more (ml-connector audit --failed)")
+    return out

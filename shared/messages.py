@@ -1,8 +1,14 @@
 """Messages on the bus: pydantic models with a schema_version, serialized as JSON.
 
 One bus message carries a batch: a page of ``ChangeEvent`` of one flow and entity
-(``ChangeBatch``), or the ``UpsertCommand`` of one target entity (``CommandBatch``). A record that
-fails is split out of its batch and travels alone (a batch of one) to retry or dead-letter.
+(``ChangeBatch``), or the ``UpsertCommand`` of one target entity (``CommandBatch``). Records that
+fail are split out of their batch and travel together, a batch of the failed ones, to retry or
+dead-letter.
+
+A message is validated record by record (``decode_records``): a record that is not valid, or
+that says it has a ``schema_version`` this build does not know, is set aside with the reason,
+and the others go on. Only an envelope that is not valid (the batch's own fields) refuses the
+whole message.
 """
 
 from __future__ import annotations
@@ -11,13 +17,21 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from pydantic_core import to_json
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import from_json, to_json
 
+from shared.failures import FailureClass
+
+# The message schema this build writes, and the versions it reads. A message or record of any
+# other version is refused with the reason (a newer producer during a rolling upgrade: replay
+# the dead letters once every service runs the version that knows it).
 SCHEMA_VERSION = 1
+KNOWN_SCHEMA_VERSIONS = (1,)
 
 
 def utcnow() -> datetime:
@@ -79,7 +93,10 @@ def construct(cls: type[_M], values: dict[str, Any]) -> _M:
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
     kind: ClassVar[str] = "message"
-    schema_version: int = SCHEMA_VERSION
+    # bounds checked by pydantic-core, no Python per record; KNOWN_SCHEMA_VERSIONS is a range
+    schema_version: int = Field(
+        default=SCHEMA_VERSION, ge=min(KNOWN_SCHEMA_VERSIONS), le=max(KNOWN_SCHEMA_VERSIONS)
+    )
 
 
 class ChangeEvent(Message):
@@ -187,14 +204,23 @@ class ChangeBatch(Message):
     entity: str
     events: list[ChangeEvent]
 
+    items_field: ClassVar[str] = "events"
+
     def split(self, event: ChangeEvent) -> ChangeBatch:
-        return ChangeBatch(flow=self.flow, entity=self.entity, events=[event])
+        return self.subset([event])
+
+    def subset(self, events: list[ChangeEvent]) -> ChangeBatch:
+        return ChangeBatch(flow=self.flow, entity=self.entity, events=events)
 
 
 class NoticeBatch(Message):
     kind: ClassVar[str] = "notice_batch"
+    items_field: ClassVar[str] = "notices"
     batch_id: str = Field(default_factory=new_id)
     notices: list[ChangeNotice]
+
+    def subset(self, notices: list[ChangeNotice]) -> NoticeBatch:
+        return NoticeBatch(notices=notices)
 
 
 class CommandBatch(Message):
@@ -209,13 +235,18 @@ class CommandBatch(Message):
     mapped_by: str | None = None
     commands: list[UpsertCommand]
 
+    items_field: ClassVar[str] = "commands"
+
     def split(self, command: UpsertCommand) -> CommandBatch:
+        return self.subset([command])
+
+    def subset(self, commands: list[UpsertCommand]) -> CommandBatch:
         return CommandBatch(
             target_connection=self.target_connection,
             target_entity=self.target_entity,
             mapped_at=self.mapped_at,
             mapped_by=self.mapped_by,
-            commands=[command],
+            commands=commands,
         )
 
 
@@ -224,19 +255,149 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
+ITEM_TYPES: dict[str, type[BaseModel]] = {
+    ChangeBatch.kind: ChangeEvent,
+    NoticeBatch.kind: ChangeNotice,
+    CommandBatch.kind: UpsertCommand,
+}
+
+
 class MessageFormatError(ValueError):
     """A bus message body that is not a valid message of its declared type."""
 
+    failure_class = FailureClass.PERMANENT
+
 
 def decode(kind: str | None, body: bytes) -> Message:
+    """The message, all or nothing (``decode_records`` sets invalid records aside instead)."""
     cls = MESSAGE_TYPES.get(kind or "")
     if cls is None:
         raise MessageFormatError(f"unknown message type {kind!r}")
     try:
         return cls.model_validate_json(body)
+    except ValidationError as exc:
+        raise MessageFormatError(f"invalid {kind} message: {explain(exc)}") from None
     except ValueError as exc:
         raise MessageFormatError(f"invalid {kind} message: {exc}") from None
 
 
+@dataclass
+class RejectedRecord:
+    """A record of a batch that is not valid: its position, what names it, why, and the record
+    as it came (to dead-letter it as it was)."""
+
+    index: int
+    ref: str
+    reason: str
+    raw: Any
+
+
+@dataclass
+class DecodedBatch:
+    """A batch message with its valid records (``message``, None when none is valid) and the
+    records it set aside (``rejected``)."""
+
+    message: Message | None
+    rejected: list[RejectedRecord] = field(default_factory=list)
+    envelope: dict[str, Any] | None = None  # the message as parsed, when records were rejected
+
+    def rejected_body(self) -> bytes:
+        """The message with only its rejected records, as they came: a dead letter that
+        ``dlq replay`` can send again (once a build that reads them runs)."""
+        assert self.envelope is not None and self.message is not None
+        items = type(self.message).items_field  # type: ignore[attr-defined]
+        return to_json({**self.envelope, items: [r.raw for r in self.rejected]})
+
+    def summary(self) -> str:
+        """One line: how many records were refused and why, the first few named."""
+        total = len(self.rejected) + len(self.items())
+        shown = "; ".join(f"{r.ref}: {r.reason}" for r in self.rejected[:5])
+        more = f"; and {len(self.rejected) - 5} more" if len(self.rejected) > 5 else ""
+        return f"{len(self.rejected)} of {total} records invalid: {shown}{more}"
+
+    def items(self) -> list[Any]:
+        if self.message is None:
+            return []
+        return list(getattr(self.message, type(self.message).items_field))  # type: ignore[attr-defined]
+
+
+def decode_records(kind: str | None, body: bytes) -> DecodedBatch:
+    """A batch message, validated record by record.
+
+    The whole message is validated at once first (pydantic-core, no Python per record): the
+    usual case costs what ``decode`` costs. Only when that fails is each record validated
+    alone. Raises ``MessageFormatError`` when the message itself is not valid: not JSON, an
+    unknown type or schema version, a field of the batch (not of a record) wrong."""
+    cls = MESSAGE_TYPES.get(kind or "")
+    if cls is None:
+        raise MessageFormatError(f"unknown message type {kind!r}")
+    try:
+        return DecodedBatch(cls.model_validate_json(body))
+    except ValidationError:
+        pass
+    try:
+        envelope = from_json(body)
+    except ValueError as exc:
+        raise MessageFormatError(f"invalid {kind} message: not JSON ({exc})") from None
+    items_field: str = cls.items_field  # type: ignore[attr-defined]
+    items = envelope.get(items_field) if isinstance(envelope, dict) else None
+    if not isinstance(items, list):
+        raise MessageFormatError(
+            f"invalid {kind} message: it is not an object with a list {items_field!r}"
+        )
+    try:
+        batch = cls.model_validate({**envelope, items_field: []})
+    except ValidationError as exc:
+        raise MessageFormatError(f"invalid {kind} message: {explain(exc)}") from None
+    item_cls = ITEM_TYPES[cls.kind]
+    valid: list[Any] = []
+    rejected: list[RejectedRecord] = []
+    for index, raw in enumerate(items):
+        try:
+            valid.append(item_cls.model_validate(raw))
+        except ValidationError as exc:
+            rejected.append(RejectedRecord(index, record_ref(index, raw), explain(exc), raw))
+    setattr(batch, items_field, valid)
+    return DecodedBatch(batch if valid else None, rejected, envelope)
+
+
+def record_ref(index: int, raw: Any) -> str:
+    """Names a record of a batch as well as it can: its source reference, else its key, else
+    its position (``#3``)."""
+    if isinstance(raw, dict):
+        system = raw.get("source_system")
+        entity = raw.get("entity") or raw.get("source_entity")
+        key = raw.get("key", raw.get("source_key"))
+        if isinstance(key, str | int) and isinstance(system, str) and isinstance(entity, str):
+            return f"{system}:{entity}:{key}"
+        if isinstance(key, str | int):
+            return f"#{index} (key {key!r})"
+    return f"#{index}"
+
+
+def explain(exc: ValidationError, limit: int = 5) -> str:
+    """A pydantic validation error in one line: each field and what is wrong with it, a
+    schema version named as such."""
+    parts = []
+    for error in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in error["loc"]) or "(the message)"
+        if error["loc"] and error["loc"][-1] == "schema_version":
+            known = ", ".join(str(v) for v in KNOWN_SCHEMA_VERSIONS)
+            parts.append(
+                f"{loc} {error.get('input')!r} is not a schema version this build knows ({known})"
+            )
+        else:
+            parts.append(f"{loc}: {error['msg']}")
+    if exc.error_count() > limit:
+        parts.append(f"and {exc.error_count() - limit} more")
+    return "; ".join(parts)
+
+
 def encode(message: Message) -> bytes:
     return message.model_dump_json().encode()
+
+
+def subset_body(batch: Message, indexes: Sequence[int]) -> bytes:
+    """The body of a message carrying the records of ``batch`` at ``indexes``."""
+    items = getattr(batch, batch.items_field)  # type: ignore[attr-defined]
+    return encode(batch.subset([items[i] for i in indexes]))  # type: ignore[attr-defined]

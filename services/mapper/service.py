@@ -1,8 +1,13 @@
 """The mapper: turns each ChangeEvent into an UpsertCommand shaped for the target, from the
 flow's declarative mapping, and publishes the commands of one target entity as one message.
-A record it cannot map is split out and dead-lettered with the reason, and its audit row
-written; a mapped record's row is the writer's (the batch carries when and by whom it was
-mapped)."""
+
+A record it cannot map (whatever the exception: a ``MappingError`` is permanent, anything
+unforeseen transient, by ``shared.failures.classify``) fails alone: the records that failed are
+split out, one message per failure class, to retry or the dead-letter queue with the reasons,
+and their audit rows written; the others are published. A mapped record's row is the writer's
+(the batch carries when and by whom it was mapped). A failure of the whole batch (its flow or
+target connection missing) routes the whole batch; an outage of the database or broker is left
+to the bus, which holds the message until they answer."""
 
 from __future__ import annotations
 
@@ -15,9 +20,15 @@ from aio_pika.abc import AbstractIncomingMessage
 from services.runtime import ServiceContext
 from shared import metrics
 from shared.audit import AuditEvent
-from shared.bus import H_REPLAYS, MAPPER_QUEUE, UnroutableError
-from shared.failures import FailureClass, MappingError, PermanentError, classify, describe
-from shared.flow_store import FlowNotFoundError
+from shared.bus import H_REPLAYS, MAPPER_QUEUE, RecordFailure
+from shared.failures import (
+    MappingError,
+    PermanentError,
+    classify,
+    describe,
+    exception_name,
+    is_infrastructure,
+)
 from shared.keys import load_case_sensitive_keys
 from shared.mapping import map_event
 from shared.messages import (
@@ -25,6 +36,8 @@ from shared.messages import (
     ChangeEvent,
     CommandBatch,
     UpsertCommand,
+    encode,
+    subset_body,
     utcnow,
 )
 
@@ -58,31 +71,50 @@ class Mapper:
         try:
             commands, failed = await self.map_batch(batch, current=replayed)
             await self.publish(commands)
-        except (FlowNotFoundError, UnroutableError, PermanentError) as exc:
-            await bus.route_failure(
-                message, MAPPER_QUEUE, FailureClass.PERMANENT, describe(exc), service=self.ctx.actor
-            )
+        except Exception as exc:
+            if is_infrastructure(exc):
+                raise  # the bus holds the message until the database and broker answer
+            # The whole batch failed (its flow or target connection is missing, no writer
+            # queue is bound for the target, ...): route it whole, with its class.
             await self._audit_failed(batch.events, exc)
-            await message.ack()
-            return
-        for event, error in failed:
-            body = batch.split(event).model_dump_json().encode()
             await bus.route_failure(
                 message,
                 MAPPER_QUEUE,
-                classify(error),
-                describe(error),
-                body=body,
+                classify(exc),
+                describe(exc),
+                body=encode(batch),
+                service=self.ctx.actor,
+                exception=exc,
+            )
+            await message.ack()
+            return
+        await self._audit(batch, commands, failed)
+        if failed:
+            index = {id(event): i for i, event in enumerate(batch.events)}
+            await bus.route_records(
+                message,
+                MAPPER_QUEUE,
+                [
+                    RecordFailure(
+                        index[id(event)],
+                        f"{event.source_system}:{event.entity}:{event.key}",
+                        classify(error),
+                        describe(error),
+                        None if isinstance(error, MappingError) else exception_name(error),
+                    )
+                    for event, error in failed
+                ],
+                lambda indexes: subset_body(batch, indexes),
                 service=self.ctx.actor,
             )
-        await self._audit(batch, commands, failed)
         await message.ack()
 
     async def map_batch(
         self, batch: ChangeBatch, *, current: bool = False
     ) -> tuple[list[UpsertCommand], list[tuple[ChangeEvent, Exception]]]:
         """Map each event with the flow version it was polled under (a flow applied while
-        events are in flight changes nothing for them), or with the current version."""
+        events are in flight changes nothing for them), or with the current version. An event
+        whose mapping raises, whatever it raises, fails alone."""
         stored = await self.ctx.flows.get(batch.flow)
         if not stored.enabled:
             raise PermanentError(f"flow {batch.flow!r} is disabled; enable it, then replay")
@@ -108,9 +140,12 @@ class Mapper:
                         case_sensitive_keys=case_sensitive,
                     )
                 )
-            except (MappingError, KeyError) as exc:
-                error = exc if isinstance(exc, MappingError) else MappingError(str(exc))
-                failed.append((event, error))
+            except KeyError as exc:
+                failed.append((event, MappingError(str(exc))))
+            except Exception as exc:
+                if is_infrastructure(exc):
+                    raise
+                failed.append((event, exc))
         return commands, failed
 
     async def publish(self, commands: list[UpsertCommand]) -> None:

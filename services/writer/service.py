@@ -11,7 +11,11 @@ or after a short wait. A flush:
 4. upserts, and records the links and the audit rows before anyone is told the outcome.
 
 The message is acked after every one of its commands has an outcome in the audit trail; the
-failed ones are split out and sent one by one to retry or the dead-letter queue.
+failed ones are split out, one message per failure class, to retry or the dead-letter queue.
+Any exception in a flush fails the records of that flush with its class
+(``shared.failures.classify``), except an outage of the database or broker: the message is then
+left to the bus, which holds it and runs it again once they answer (nothing is audited as
+failed, no attempt is spent).
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ from aio_pika.abc import AbstractIncomingMessage
 from services.runtime import ServiceContext
 from shared import db, metrics
 from shared.audit import outcome_row
-from shared.bus import WorkQueue, writer_queue
+from shared.bus import RecordFailure, WorkQueue, writer_queue
 from shared.connectors.base import Sink, WriteOutcome
 from shared.failures import (
+    ConnectorError,
     FailureClass,
     ParentNotWrittenError,
     classify,
     describe,
+    exception_name,
+    is_infrastructure,
 )
-from shared.messages import CommandBatch, ParentRef, UpsertCommand, utcnow
+from shared.messages import CommandBatch, ParentRef, UpsertCommand, encode, subset_body, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,9 @@ class Outcome:
     failure: FailureClass | None = None
     error: str | None = None
     target_id: str | None = None
+    # the exception that failed the whole flush: the class of an unexpected one goes into the
+    # dead letter; an outage of the database or broker makes the message wait for them
+    cause: BaseException | None = None
 
     @property
     def failed(self) -> bool:
@@ -190,11 +200,20 @@ class Batcher:
             try:
                 await self._write(key, items)
             except Exception as exc:  # the sink or the database failed for the whole batch
-                log.warning("write batch failed: %s", describe(exc))
-                outcome = Outcome("failed", classify(exc), describe(exc))
+                outcome = Outcome("failed", classify(exc), describe(exc), cause=exc)
                 open_items = [item for item in items if not item.settled]
                 try:
-                    await self._audit_outcomes([(item, outcome) for item in open_items])
+                    if is_infrastructure(exc):
+                        # Not the records' fault, and nowhere to audit: their messages wait.
+                        log.warning(
+                            "write batch waits for the database or broker: %s", outcome.error
+                        )
+                    else:
+                        log.warning("write batch failed (%s): %s", outcome.failure, outcome.error)
+                        await self._audit_outcomes([(item, outcome) for item in open_items])
+                except Exception as audit_exc:
+                    outcome.cause = audit_exc  # if the database went away: their messages wait
+                    log.warning("cannot audit the failed batch: %s", describe(audit_exc))
                 finally:
                     for item in open_items:
                         self._settle(item, outcome)
@@ -558,34 +577,93 @@ class Writer:
         batch = await self.ctx.decode_or_dead_letter(message, queue, CommandBatch)
         if batch is None:
             return
-        # Make sure the sink is open so that its batch size is known before batching.
-        await self.ctx.connector(batch.target_connection)
+        try:
+            # Make sure the sink is open so that its batch size is known before batching.
+            await self.ctx.connector(batch.target_connection)
+        except Exception as exc:
+            if is_infrastructure(exc):
+                raise  # the bus holds the message until the database answers
+            # The target connection is missing or its secrets cannot be opened: every command
+            # of the message fails alike, with its class.
+            await self._fail_whole(message, queue, batch, exc)
+            return
         outcomes = await self.batcher.submit(
             batch.commands, batch.batch_id, mapped_at=batch.mapped_at, mapped_by=batch.mapped_by
         )
-        failed = [(c, o) for c, o in zip(batch.commands, outcomes, strict=True) if o.failed]
-        if len(failed) == len(batch.commands) and len({o.failure for _, o in failed}) == 1:
-            # The whole message failed alike: route it as it is, no need to split.
-            _, outcome = failed[0]
-            await bus.route_failure(
-                message,
-                queue,
+        for outcome in outcomes:
+            if outcome.cause is not None and is_infrastructure(outcome.cause):
+                # The flush could not reach the database (or broker): not the records' fault.
+                # The bus holds the message and runs this again once they answer.
+                raise outcome.cause
+        failures = [
+            RecordFailure(
+                index,
+                command.source_ref,
                 outcome.failure,
                 outcome.error or "",
-                service=self.ctx.actor,  # type: ignore[arg-type]
+                _exception_of(outcome),
             )
-        else:
-            for command, outcome in failed:
-                body = batch.split(command).model_dump_json().encode()
-                await bus.route_failure(
-                    message,
-                    queue,
-                    outcome.failure,
-                    outcome.error or "",  # type: ignore[arg-type]
-                    body=body,
-                    service=self.ctx.actor,
-                )
+            for index, (command, outcome) in enumerate(zip(batch.commands, outcomes, strict=True))
+            if outcome.failure is not None
+        ]
+        if failures:
+            await bus.route_records(
+                message,
+                queue,
+                failures,
+                lambda indexes: subset_body(batch, indexes),
+                service=self.ctx.actor,
+            )
         await message.ack()
+
+    async def _fail_whole(
+        self,
+        message: AbstractIncomingMessage,
+        queue: WorkQueue,
+        batch: CommandBatch,
+        exc: Exception,
+    ) -> None:
+        outcome = Outcome("failed", classify(exc), describe(exc), cause=exc)
+        log.warning(
+            "commands for %s failed (%s): %s",
+            batch.target_connection,
+            outcome.failure,
+            outcome.error,
+        )
+        ticket = Ticket(
+            [None] * len(batch.commands),
+            len(batch.commands),
+            asyncio.get_running_loop().create_future(),
+            batch.mapped_at,
+            batch.mapped_by,
+        )
+        await self.batcher._audit_outcomes(
+            [
+                (
+                    Pending(c, ticket, i, (c.flow, c.source_entity, c.source_key), batch.batch_id),
+                    outcome,
+                )
+                for i, c in enumerate(batch.commands)
+            ]
+        )
+        await self.ctx.bus.route_failure(
+            message,
+            queue,
+            outcome.failure,  # type: ignore[arg-type]
+            outcome.error or "",
+            body=encode(batch),
+            service=self.ctx.actor,
+            exception=exc,
+        )
+        await message.ack()
+
+
+def _exception_of(outcome: Outcome) -> str | None:
+    """The class of the unexpected exception behind a failed outcome, if there was one."""
+    cause = outcome.cause
+    if cause is None or isinstance(cause, ConnectorError):
+        return None
+    return exception_name(cause)
 
 
 async def run(ctx: ServiceContext, stop: asyncio.Event) -> None:
