@@ -179,7 +179,10 @@ _USERINFO = re.compile(r"(https?://)[^/\s@'\"]+@")
 
 def describe(exc: BaseException) -> str:
     """One line for logs, audit rows and dead-letter headers. URL query strings and user info
-    are cut, because some clients put credentials there (and aiohttp echoes whole URLs)."""
-    text = str(exc) or exc.__class__.__name__
+    are cut, because some clients put credentials there (and aiohttp echoes whole URLs), and
+    every registered secret and token is masked (``shared.logs.redact``): vendors echo them."""
+    from shared.logs import redact
+
+    text = redact(str(exc) or exc.__class__.__name__)
     text = _USERINFO.sub(r"\1", _QUERY.sub(r"\1?…", text))
     return text[:2000]
