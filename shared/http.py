@@ -269,7 +269,9 @@ def decode_answer(
             text = data if isinstance(data, str) else data.decode("utf-8", errors="replace")
             raise not_json(text, status=status, content_type=content_type, what=what) from None
         problem = describe_problem(exc) if describe_problem else validation_problem(exc)
-        raise malformed(f"{what}: unexpected answer: {problem}", status=status, code=code) from None
+        raise malformed(
+            f"{what}: malformed response: {problem}", status=status, code=code
+        ) from None
 
 
 def validation_problem(exc: ValidationError) -> str:

@@ -283,7 +283,7 @@ async def test_a_malformed_read_page_is_a_clear_transient_error(
     api(http, "GET", "/Accounts", body(payload))
     with pytest.raises(TransientError) as info:
         await read_bounded(zoho, ACCOUNTS_STREAM)
-    assert "Zoho CRM GET /crm/v8/Accounts: unexpected answer" in str(info.value)
+    assert "Zoho CRM GET /crm/v8/Accounts: malformed response" in str(info.value)
 
 
 async def test_find_id_refuses_a_match_without_a_valid_id(
@@ -307,7 +307,7 @@ async def test_a_malformed_token_answer_is_not_trusted(
     zoho: ZohoCrmConnector, http: aioresponses, payload: Any
 ) -> None:
     http.post(TOKEN_URL, payload=payload, repeat=True)
-    with pytest.raises(TransientError, match=r"token refresh .*unexpected answer"):
+    with pytest.raises(TransientError, match=r"token refresh .*malformed response"):
         await zoho.find_id("Accounts", "ERP_Customer_No", "C1")
 
 
