@@ -2,13 +2,23 @@
 
 Non-secret settings are stored as JSON; secrets are sealed by the vault with the connection name
 as associated data. Each system module declares its settings and secrets as pydantic models and
-registers a ``ConnectorType``; ``open_connector`` builds a live connector from a stored row.
+registers a ``ConnectorType``; ``build_connector`` builds a live connector from a stored row.
+
+- Opening a connection registers every one of its secrets with ``shared.logs``, so that they
+  are masked in every text we write, whatever a vendor echoes.
+- Replacing a connection (``add(..., replace=True)``) clears its cached token in the same
+  transaction: a token (and the API domain it came with) belongs to the settings and secrets
+  it was obtained with.
+- In production (``MLC_ENV=production``) a plain ``http://`` URL in a connection's settings is
+  refused, where the connection is added and where it is opened, unless
+  ``MLC_ALLOW_HTTP=true`` (credentials and tokens would cross the network in the clear).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +26,11 @@ import asyncpg
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from shared.connectors.base import Connector
+from shared.logs import MIN_SECRET_LENGTH, register_secrets
 from shared.tokens import TokenCache
 from shared.vault import Vault
+
+log = logging.getLogger(__name__)
 
 CONNECTOR_MODULES = {
     "syspro": "shared.connectors.syspro",
@@ -44,6 +57,47 @@ def connector_type(system: str) -> ConnectorType:
         known = ", ".join(sorted(CONNECTOR_MODULES))
         raise ConnectionConfigError(f"unknown system {system!r} (known: {known})")
     return importlib.import_module(module_name).CONNECTOR_TYPE
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Whether plain ``http://`` connection URLs are allowed: always outside production; in
+    production only with ``MLC_ALLOW_HTTP=true``."""
+
+    production: bool = False
+    allow_http: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any = None) -> UrlPolicy:
+        """From ``settings`` (a ``shared.settings.Settings``), or the process's settings."""
+        if settings is None:
+            from shared.settings import load_settings
+
+            settings = load_settings()
+        return cls(settings.env == "production", bool(getattr(settings, "allow_http", False)))
+
+    def check(self, name: str, settings: BaseModel) -> None:
+        """Refuse a plain ``http://`` URL among ``settings`` where the policy says so."""
+        if not self.production or self.allow_http:
+            return
+        for field_name, value in _strings(settings.model_dump(mode="json")):
+            if value.strip().lower().startswith("http://"):
+                raise ConnectionConfigError(
+                    f"connection {name!r}: {field_name} is a plain http:// URL, refused in"
+                    " production (credentials and tokens would travel unencrypted); use"
+                    " https://, or set MLC_ALLOW_HTTP=true to allow it"
+                )
+
+
+def _strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{path}[{index}]")
 
 
 def validation_message(exc: ValidationError, what: str) -> str:
@@ -73,9 +127,18 @@ class StoredConnection:
 
 
 class ConnectionStore:
-    def __init__(self, pool: asyncpg.Pool, vault: Vault) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, vault: Vault, *, url_policy: UrlPolicy | None = None
+    ) -> None:
         self.pool = pool
         self.vault = vault
+        self._url_policy = url_policy
+
+    @property
+    def url_policy(self) -> UrlPolicy:
+        if self._url_policy is None:
+            self._url_policy = UrlPolicy.from_settings()
+        return self._url_policy
 
     async def add(
         self,
@@ -92,6 +155,7 @@ class ConnectionStore:
             valid_secrets = kind.secrets_model.model_validate(secrets)
         except ValidationError as exc:
             raise ConnectionConfigError(validation_message(exc, f"connection {name!r}")) from None
+        self.url_policy.check(name, valid_settings)
         secret_values = {
             k: v if isinstance(v, SecretStr) else SecretStr(str(v))
             for k, v in valid_secrets.model_dump().items()
@@ -105,16 +169,28 @@ class ConnectionStore:
             if replace
             else ""
         )
+        for secret_name, value in sorted(secret_values.items()):
+            if 0 < len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+                log.warning(
+                    "connection %r: secret %r is shorter than %d characters, too short to be"
+                    " masked where a vendor echoes it into logs and errors; use a longer one",
+                    name,
+                    secret_name,
+                    MIN_SECRET_LENGTH,
+                )
         try:
-            await self.pool.execute(
-                "INSERT INTO connections (name, system, settings, secrets, key_id)"
-                f" VALUES ($1, $2, $3, $4, $5) {conflict}",
-                name,
-                system,
-                settings_json,
-                blob,
-                self.vault.current_key_id,
-            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO connections (name, system, settings, secrets, key_id)"
+                    f" VALUES ($1, $2, $3, $4, $5) {conflict}",
+                    name,
+                    system,
+                    settings_json,
+                    blob,
+                    self.vault.current_key_id,
+                )
+                # a cached token (and its api_domain) belongs to the settings it came with
+                await conn.execute("DELETE FROM token_cache WHERE connection = $1", name)
         except asyncpg.UniqueViolationError:
             raise ConnectionConfigError(f"connection {name!r} exists already") from None
         return StoredConnection(
@@ -148,10 +224,19 @@ class ConnectionStore:
 
     async def open(self, name: str, **deps: Any) -> Connector:
         stored = await self.get(name)
-        return build_connector(stored, token_cache=TokenCache(self.pool, self.vault), **deps)
+        return build_connector(
+            stored,
+            url_policy=self.url_policy,
+            token_cache=TokenCache(self.pool, self.vault),
+            **deps,
+        )
 
 
-def build_connector(stored: StoredConnection, **deps: Any) -> Connector:
+def build_connector(
+    stored: StoredConnection, *, url_policy: UrlPolicy | None = None, **deps: Any
+) -> Connector:
+    """A live connector from a stored connection: settings checked (and its URLs against the
+    ``url_policy``, by default the process's), every secret registered for masking."""
     kind = connector_type(stored.system)
     try:
         settings = kind.settings_model.model_validate(stored.settings)
@@ -162,4 +247,6 @@ def build_connector(stored: StoredConnection, **deps: Any) -> Connector:
         raise ConnectionConfigError(
             validation_message(exc, f"connection {stored.name!r}")
         ) from None
+    (url_policy or UrlPolicy.from_settings()).check(stored.name, settings)
+    register_secrets(secrets)
     return kind.factory(stored.name, settings, secrets, **deps)

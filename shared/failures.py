@@ -254,10 +254,14 @@ def describe(exc: BaseException) -> str:
     (a ``ConnectorError``) says what happened in its message; any other names its class first
     (``KeyError: 'Name'``), since its message alone often says nothing. URL query strings and
     user info are cut, because some clients put credentials there (and aiohttp echoes whole
-    URLs)."""
+    URLs), and every registered secret and token is masked (``shared.logs.redact``): vendors
+    echo them."""
+    from shared.logs import redact
+
     text = str(exc)
     if not isinstance(exc, ConnectorError):
         name = exc.__class__.__name__
         text = f"{name}: {text}" if text else name
+    text = redact(text)
     text = _USERINFO.sub(r"\1", _QUERY.sub(r"\1?…", text))
     return " ".join(text.split())[:2000]

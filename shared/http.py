@@ -1,13 +1,22 @@
-"""The HTTP base every connector uses: one session factory, JSON reading with clear errors, and
-per-connection call metrics."""
+"""The HTTP base every connector uses: one session factory, one exchange (:func:`send`) that
+reads an answer up to a size cap, answers decoded into pydantic models with clear errors
+(:func:`decode_answer`), and per-connection call metrics.
+
+Connectors never read a body themselves: :func:`send` refuses an answer larger than the
+connection's cap (``max_response_mb``), from its ``Content-Length`` before reading anything, or
+while reading it in chunks, so a 100 MB answer costs at most the cap in memory.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
+from multidict import CIMultiDictProxy
+from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json, to_json
 from yarl import URL
 
@@ -15,6 +24,10 @@ from shared import metrics
 from shared.failures import ConnectorError, PermanentError, TransientError
 
 USER_AGENT = "ml-connector/0.1"
+DEFAULT_MAX_RESPONSE_MB = 32.0
+READ_CHUNK_BYTES = 64 * 1024
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def client_session(
@@ -50,14 +63,20 @@ def parse_json(text: str, *, status: int, content_type: str, what: str) -> Any:
     try:
         return from_json(text)
     except ValueError:
-        snippet = " ".join(text[:120].split())
-        kind = "an HTML page" if text.lstrip()[:1] == "<" else "a body that is not valid JSON"
-        raise TransientError(
-            f"{what}: expected JSON but got {kind} (HTTP {status}, {content_type or 'no type'}):"
-            f" {snippet!r}",
-            status=status,
-            code="MALFORMED_RESPONSE",
-        ) from None
+        raise not_json(text, status=status, content_type=content_type, what=what) from None
+
+
+def not_json(text: str, *, status: int, content_type: str, what: str) -> TransientError:
+    """The error for an answer that should be JSON and is not (an HTML page from a proxy, a
+    truncated body): transient, as the record is not at fault."""
+    snippet = " ".join(text[:120].split())
+    kind = "an HTML page" if text.lstrip()[:1] == "<" else "a body that is not valid JSON"
+    return TransientError(
+        f"{what}: expected JSON but got {kind} (HTTP {status}, {content_type or 'no type'}):"
+        f" {snippet!r}",
+        status=status,
+        code="MALFORMED_RESPONSE",
+    )
 
 
 class CallTimer:
@@ -117,3 +136,151 @@ def transport_error(
     return TransientError(
         f"{what}: network error talking to {where} ({type(exc).__name__})", code="NETWORK"
     )
+
+
+# -- one exchange, with a cap on the answer's size -----------------------------------------------
+
+
+class ResponseTooLargeError(PermanentError):
+    """An answer over the connection's size cap (``max_response_mb``)."""
+
+
+@dataclass(frozen=True)
+class BodyCap:
+    """The largest answer a connection accepts, and where that is set (named in the error)."""
+
+    max_bytes: int
+    setting: str  # e.g. "max_response_mb of connection 'zoho'"
+
+    @classmethod
+    def of(cls, connection: str, max_response_mb: float) -> BodyCap:
+        return cls(
+            max(1, int(max_response_mb * 1024 * 1024)),
+            f"max_response_mb of connection {connection!r}",
+        )
+
+    def error(self, what: str, size: str, status: int) -> ResponseTooLargeError:
+        cap = _megabytes(self.max_bytes)
+        return ResponseTooLargeError(
+            f"{what}: the answer is {size}, over the cap of {cap}; raise {self.setting}"
+            " or ask for smaller pages",
+            status=status,
+            code="RESPONSE_TOO_LARGE",
+        )
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1024 / 1024:.3g} MB"
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    body: bytes
+    headers: CIMultiDictProxy[str]
+    charset: str | None
+    content_type: str
+
+    def text(self) -> str:
+        return self.body.decode(self.charset or "utf-8", errors="replace")
+
+
+async def read_capped(response: aiohttp.ClientResponse, cap: BodyCap, what: str) -> bytes:
+    """The body of ``response``, refused as soon as it is known to exceed ``cap``: from its
+    ``Content-Length`` before reading, or while reading it in chunks. A refused answer's
+    connection is closed (never returned to the pool half read)."""
+    declared = response.content_length
+    if declared is not None and declared > cap.max_bytes:
+        response.close()
+        raise cap.error(what, f"{_megabytes(declared)} (Content-Length)", response.status)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+        body += chunk
+        if len(body) > cap.max_bytes:
+            response.close()
+            raise cap.error(what, f"more than {_megabytes(cap.max_bytes)}", response.status)
+    return bytes(body)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    *,
+    connection: str,
+    operation: str,
+    what: str,
+    cap: BodyCap,
+    timeout_s: float,
+    record: bool = True,
+    scrub: Callable[[str], str] = lambda text: text,
+    **kwargs: Any,
+) -> tuple[HttpAnswer, CallTimer]:
+    """One HTTP exchange without redirects: the answer read up to ``cap``, and the call's
+    timer. Transport failures come back classified (naming host and port, never the URL's
+    query) and timed. With ``record=False`` the caller records the call's status itself with
+    ``timer.done(...)`` once it has read the body (a token endpoint's error with HTTP 200)."""
+    timer = CallTimer(connection, operation)
+    try:
+        async with session.request(method, url, allow_redirects=False, **kwargs) as response:
+            body = await read_capped(response, cap, what)
+            answer = HttpAnswer(
+                response.status, body, response.headers, response.charset, response.content_type
+            )
+    except ResponseTooLargeError as exc:
+        timer.done(exc.code or "too_large")
+        raise
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        timer.done(type(exc).__name__)
+        raise transport_error(exc, what, url, timeout_s=timeout_s, scrub=scrub) from None
+    if record:
+        timer.done(answer.status)
+    return answer, timer
+
+
+# -- answers decoded into models -----------------------------------------------------------------
+
+
+def decode_answer(
+    model: type[M],
+    body: bytes | str,
+    *,
+    status: int,
+    content_type: str,
+    what: str,
+    charset: str | None = None,
+    malformed: type[ConnectorError] = PermanentError,
+    code: str = "MALFORMED_RESPONSE",
+    describe_problem: Callable[[ValidationError], str] | None = None,
+) -> M:
+    """Decode a JSON answer straight into ``model`` (no intermediate dicts). A body that is not
+    JSON is a ``TransientError`` (an HTML page from a proxy, a truncated answer); JSON of the
+    wrong shape is a ``malformed`` error naming the first problem, never trusted."""
+    data: bytes | str = body
+    if isinstance(body, bytes):
+        if charset and charset.lower().replace("-", "") not in ("utf8", "ascii"):
+            data = body.decode(charset, errors="replace")
+        elif body.startswith(b"\xef\xbb\xbf"):
+            data = body[3:]
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] == "json_invalid":
+            text = data if isinstance(data, str) else data.decode("utf-8", errors="replace")
+            raise not_json(text, status=status, content_type=content_type, what=what) from None
+        problem = describe_problem(exc) if describe_problem else validation_problem(exc)
+        raise malformed(
+            f"{what}: malformed response: {problem}", status=status, code=code
+        ) from None
+
+
+def validation_problem(exc: ValidationError) -> str:
+    """The first problem of a validation error in plain words, naming where it is; the value
+    itself is never shown (it may be anything a vendor sent)."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the body"
+    got = type(first.get("input")).__name__
+    kind = {"dict": "an object", "list": "an array", "NoneType": "null"}.get(got, f"a {got}")
+    if first["type"] == "missing":
+        return f"{where} is missing"
+    return f"{where}: {first['msg'].lower()} (got {kind})"

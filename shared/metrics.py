@@ -19,6 +19,11 @@ API_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 TOKEN_REFRESHES = Counter("mlc_token_refreshes_total", "Token refreshes", ["connection"])
+TOKEN_REFRESH_FAILURES = Counter(
+    "mlc_token_refresh_failures_total",
+    "Token refreshes (or logons) that failed, including a token endpoint's error with HTTP 200",
+    ["connection"],
+)
 THROTTLE_WAITS = Counter(
     "mlc_throttle_wait_seconds_total", "Seconds spent waiting after throttling", ["connection"]
 )

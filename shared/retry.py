@@ -2,6 +2,12 @@
 
 A few quick retries absorb a blip (a 5xx, a reset, a throttle with Retry-After, an expired token);
 what still fails goes back to the caller, which hands it to the bus's delayed retries.
+
+This is the one retry layer of an API call: whatever the call needs first (an access token, a
+session logon) is obtained inside ``call``, in one attempt, so a failing token endpoint costs at
+most ``policy.attempts`` token calls per API call, never attempts squared. An auth failure of
+the token endpoint itself (``TokenRefusedError``: our credentials are refused) is not retried
+with a refresh. What is raised has every registered secret masked in its text.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from tenacity import (
 )
 
 from shared.failures import ConnectorError, FailureClass, classify, describe
+from shared.logs import redact_error
 from shared.ratelimit import RateLimiter
+from shared.tokens import TokenRefusedError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -52,7 +60,11 @@ async def call_with_retries(
     def retryable(exc: BaseException) -> bool:
         failure = classify(exc)
         if failure is FailureClass.AUTH:
-            return refresh_auth is not None and not auth_refreshed
+            return (
+                refresh_auth is not None
+                and not auth_refreshed
+                and not isinstance(exc, TokenRefusedError)
+            )
         return failure in (FailureClass.TRANSIENT, FailureClass.THROTTLED)
 
     def wait(state: RetryCallState) -> float:
@@ -94,12 +106,16 @@ async def call_with_retries(
         before_sleep=before_sleep,
         reraise=True,
     )
-    async for attempt in retrying:
-        with attempt:
-            if limiter is not None:
-                async with limiter.slot():
-                    return await call()
-            return await call()
+    try:
+        async for attempt in retrying:
+            with attempt:
+                if limiter is not None:
+                    async with limiter.slot():
+                        return await call()
+                return await call()
+    except ConnectorError as exc:
+        redact_error(exc)
+        raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 

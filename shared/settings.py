@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLC_", extra="ignore")
 
     env: str = Field("development", description="development | production")
+    allow_http: bool = Field(False, description="allow plain http:// connection URLs in production")
     amqp_url: SecretStr = Field(SecretStr("amqp://guest:guest@127.0.0.1:5672/"))
     database_url: SecretStr = Field(SecretStr("postgresql://postgres@127.0.0.1:5432/mlc"))
     bus_prefix: str = Field("mlc", description="prefix of every exchange and queue name")

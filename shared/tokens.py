@@ -16,9 +16,16 @@ from typing import Any
 import asyncpg
 
 from shared import metrics
+from shared.failures import AuthError
+from shared.logs import register_token
 from shared.vault import Vault, VaultError
 
 log = logging.getLogger(__name__)
+
+
+class TokenRefusedError(AuthError):
+    """The token endpoint (or a logon) refused the connection's own credentials: asking again
+    cannot help, so a call's retry does not refresh for it (it is still an auth failure)."""
 
 
 @dataclass
@@ -83,7 +90,10 @@ class TokenManager:
     - proactive: a token within ``margin_s`` of expiry is replaced before use;
     - single flight: concurrent callers wait for one refresh;
     - ``invalidate(token)`` after a 401 forces a refresh, unless another caller already did;
-    - with a ``cache``, replicas share one token under a Postgres advisory lock.
+    - with a ``cache``, replicas share one token under a Postgres advisory lock;
+    - every token obtained is registered with ``shared.logs`` (masked in everything we write);
+      a failed refresh counts in ``mlc_token_refresh_failures_total``;
+    - ``fetch`` makes one attempt: it runs inside an API call's retries, never with its own.
     """
 
     def __init__(
@@ -111,8 +121,10 @@ class TokenManager:
             token = self._token
             if token is not None and token.fresh(self._margin_s) and token.value != self._rejected:
                 return token
-            self._token = await self._obtain()
-            return self._token
+            token = await self._obtain()
+            register_token(self.connection, token.value)  # also one another replica obtained
+            self._token = token
+            return token
 
     def invalidate(self, token: Token | None) -> None:
         """The vendor rejected ``token``; the next ``get`` obtains another."""
@@ -138,7 +150,13 @@ class TokenManager:
         return await self._cache.with_lock(self.connection, under_lock)
 
     async def _refresh(self) -> Token:
-        token = await self._fetch()
+        """One attempt at a new token (the API call that needs it owns the retries)."""
+        try:
+            token = await self._fetch()
+        except Exception:
+            metrics.TOKEN_REFRESH_FAILURES.labels(self.connection).inc()
+            raise
+        register_token(self.connection, token.value)
         self.refreshes += 1
         metrics.TOKEN_REFRESHES.labels(self.connection).inc()
         remaining = int(token.expires_at - time.time())

@@ -18,6 +18,14 @@ SYSPRO offers two doors, and this connector uses each for what it is good at
 Keys are the SQL table keys (ArCustomer: Customer; ArInvoice: Customer, Invoice, DocumentType); the
 flow names them in its ``StreamSpec``. Every value that goes into ``$filter`` goes through
 :func:`odata_literal`.
+
+Answers are capped in size (``max_response_mb``, ``shared.http.send``); an OData page is decoded
+into a model before it is trusted (a 200 that carries an OData error object raises the server's
+message); a read ends with a clear error when the server pages in a loop or past
+``max_pages_per_read`` pages (``shared.connectors.paging``). The session logon runs inside the
+retries of the e.net call that needs it, never with retries of its own. The passwords, the
+Basic credentials and every session id are registered with ``shared.logs`` and masked in every
+text we write.
 """
 
 from __future__ import annotations
@@ -37,11 +45,12 @@ from typing import Any
 from urllib.parse import quote, urljoin
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from yarl import URL
 
 from shared.connections import ConnectorType
 from shared.connectors.base import PingResult, StreamSpec
+from shared.connectors.paging import DEFAULT_MAX_PAGES, MAX_PAGES_LIMIT, PageGuard
 from shared.failures import (
     AuthError,
     ConnectorError,
@@ -51,11 +60,20 @@ from shared.failures import (
     http_error,
     parse_retry_after,
 )
-from shared.http import CallTimer, client_session, parse_json, transport_error
+from shared.http import (
+    DEFAULT_MAX_RESPONSE_MB,
+    BodyCap,
+    HttpAnswer,
+    client_session,
+    decode_answer,
+    send,
+    validation_problem,
+)
 from shared.keys import decode_key
+from shared.logs import redact, register_secret, register_secrets
 from shared.ratelimit import RateLimiter
 from shared.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
-from shared.tokens import Token, TokenCache, TokenManager
+from shared.tokens import Token, TokenCache, TokenManager, TokenRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +166,12 @@ class SysproSettings(BaseModel):
         ),
     )
     timeout_s: float = Field(default=60.0, gt=0, le=900)
+    max_response_mb: float = Field(
+        default=DEFAULT_MAX_RESPONSE_MB, gt=0, le=1024, description="largest answer accepted"
+    )
+    max_pages_per_read: int = Field(
+        default=DEFAULT_MAX_PAGES, ge=1, le=MAX_PAGES_LIMIT, description="ceiling of pages a read"
+    )
 
     @field_validator("rest_url")
     @classmethod
@@ -232,6 +256,50 @@ class LogonProfile:
     @property
     def enet_version(self) -> str:
         return self.fields.get("EnetVersion", "")
+
+
+class _ODataMessage(BaseModel):
+    """OData v3 wraps the message: ``{"lang": "en-US", "value": "..."}``."""
+
+    value: str
+
+
+class ODataErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    code: str | int | None = None
+    message: str | _ODataMessage | None = None
+
+    @property
+    def text(self) -> str:
+        message = self.message.value if isinstance(self.message, _ODataMessage) else self.message
+        return str(message or self.code or "no message")[:500]
+
+
+class ODataPage(BaseModel):
+    """One page of an OData collection, or an OData error object (some services send one with
+    HTTP 200)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    value: list[dict[str, Any]] | None = None
+    next_link: str | None = Field(None, alias="@odata.nextLink")
+    error: ODataErrorDetail | None = None
+
+
+def _odata_problem(exc: ValidationError) -> str:
+    """What is wrong with an OData page, in the words an operator can act on."""
+    first = exc.errors(include_url=False)[0]
+    loc, got = first["loc"], type(first.get("input")).__name__
+    if not loc:
+        return f"JSON {got} instead of an object; is odata_url the service root?"
+    if loc == ("value",):
+        return f"not an OData collection (its 'value' is a {got}); is odata_url the service root?"
+    if loc[0] == "value" and len(loc) == 2:
+        return f"a row is a {got}, not an object"
+    if loc[0] == "@odata.nextLink":
+        return f"@odata.nextLink is a {got}, not a URL"
+    return validation_problem(exc)
 
 
 class SessionExpiredError(AuthError):
@@ -403,6 +471,9 @@ class SysproConnector:
         )
         self.limiter = limiter or RateLimiter(name, max_concurrency=self.settings.max_concurrency)
         self.retry_policy = retry_policy
+        self.cap = BodyCap.of(name, self.settings.max_response_mb)
+        register_secrets(self._secrets)
+        register_secret(self._basic_auth().removeprefix("Basic "))  # echoed headers too
         # The session id is a token: refreshed once for all concurrent callers, and shared by the
         # replicas through the token cache when there is one (SYSPRO may allow one session per
         # operator, so replicas that each logged on would evict each other).
@@ -431,21 +502,8 @@ class SysproConnector:
         return self._http
 
     def _scrub(self, text: str) -> str:
-        """``text`` without any secret (plain or URL-encoded) or the live session id."""
-        values = [
-            self._secrets.operator_password.get_secret_value(),
-            self._secrets.company_password.get_secret_value(),
-            self._secrets.odata_password.get_secret_value(),
-        ]
-        if self._session is not None:
-            values.append(self._session.value)
-        for value in sorted({v for v in values if v}, key=len, reverse=True):
-            for form in {value, quote(value, safe=""), quote(value)}:
-                text = text.replace(form, "***")
-        return text
-
-    def _transport_error(self, exc: BaseException, what: str, url: URL) -> ConnectorError:
-        return transport_error(exc, what, url, timeout_s=self.settings.timeout_s, scrub=self._scrub)
+        """``text`` without any registered secret (plain or URL-encoded) or session id."""
+        return redact(text)
 
     async def _get(
         self,
@@ -454,19 +512,22 @@ class SysproConnector:
         what: str,
         operation: str,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[int, str, Mapping[str, str]]:
-        """One GET: status, decoded body and headers; transport failures come back classified."""
-        timer = CallTimer(self.name, operation)
-        try:
-            async with self._client().get(url, allow_redirects=False, headers=headers) as response:
-                raw = await response.read()
-                status, charset, headers = response.status, response.charset, response.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            timer.done(type(exc).__name__)
-            raise self._transport_error(exc, what, url) from None
-        timer.done(status)
-        log.debug("%s %s -> HTTP %s", operation, url.path, status)
-        return status, _decode(raw, charset), headers
+    ) -> HttpAnswer:
+        """One GET, its answer capped in size; transport failures come back classified."""
+        answer, _ = await send(
+            self._client(),
+            "GET",
+            url,
+            connection=self.name,
+            operation=operation,
+            what=what,
+            cap=self.cap,
+            timeout_s=self.settings.timeout_s,
+            scrub=self._scrub,
+            headers=headers,
+        )
+        log.debug("%s %s -> HTTP %s", operation, url.path, answer.status)
+        return answer
 
     def _redirect_error(self, what: str, status: int, headers: Mapping[str, str]) -> ConnectorError:
         target = URL(headers.get("Location", ""))
@@ -489,7 +550,8 @@ class SysproConnector:
         """One e.net call: the answer unwrapped; HTTP errors classified (query never shown)."""
         url = self._rest_url(operation, params)
         what = f"SYSPRO e.net {operation}"
-        status, text, headers = await self._get(url, what=what, operation=f"enet.{operation}")
+        answer = await self._get(url, what=what, operation=f"enet.{operation}")
+        status, text, headers = answer.status, _decode(answer.body, answer.charset), answer.headers
         if 300 <= status < 400:
             raise self._redirect_error(what, status, headers)
         if status == 404:
@@ -526,8 +588,9 @@ class SysproConnector:
         return Token(await self._logon(), time.time() + SESSION_MAX_AGE_S)
 
     async def _logon(self) -> str:
+        """One logon attempt: it runs inside the retries of the call that needs the session."""
         settings, secrets = self.settings, self._secrets
-        text = await self._rest(
+        text = await self._rest_once(
             "Logon",
             {
                 "Operator": settings.operator,
@@ -539,7 +602,7 @@ class SysproConnector:
         who = f"operator {settings.operator!r} to company {settings.company_id!r}"
         if text.upper().startswith("ERROR"):
             reason = self._scrub(_ERROR_PREFIX.sub("", text, count=1)) or self._scrub(text)
-            raise AuthError(
+            raise TokenRefusedError(
                 f"SYSPRO refused the logon of {who}: {reason}; check operator, company_id,"
                 " operator_password and company_password",
                 code="LOGON_FAILED",
@@ -569,12 +632,14 @@ class SysproConnector:
         *,
         policy: RetryPolicy | None = None,
     ) -> str:
-        """An e.net call inside the session. When SYSPRO says the session is invalid or expired,
-        log on again (once for all concurrent callers) and repeat the call, once."""
-        session = [await self._current_session()]
+        """An e.net call inside the session; the session (and its logon, when there is none) is
+        obtained inside the call's one retry layer. When SYSPRO says the session is invalid or
+        expired, log on again (once for all concurrent callers) and repeat the call, once."""
+        session: list[Token | None] = [None]
 
         async def call() -> str:
-            text = await self._rest_once(operation, {"UserId": session[0].value, **(params or {})})
+            current = session[0] = await self._current_session()
+            text = await self._rest_once(operation, {"UserId": current.value, **(params or {})})
             if text.upper().startswith("ERROR"):
                 reason = self._scrub(text)
                 if _SESSION_GONE.search(text):
@@ -589,9 +654,10 @@ class SysproConnector:
             log.info(
                 "SYSPRO e.net session expired; logging on again", extra={"connection": self.name}
             )
-            self._sessions.invalidate(session[0])
-            self._created.discard(session[0].value)
-            session[0] = await self._current_session()
+            gone = session[0]
+            if gone is not None:
+                self._sessions.invalidate(gone)
+                self._created.discard(gone.value)
 
         return await call_with_retries(
             call,
@@ -679,50 +745,49 @@ class SysproConnector:
         self, url: URL, entity_set: str
     ) -> tuple[list[dict[str, Any]], str | None]:
         what = f"SYSPRO OData {entity_set}"
-        status, text, headers = await self._get(
+        answer = await self._get(
             url,
             what=what,
             operation=f"odata.{entity_set}",
             headers={"Authorization": self._basic_auth(), "Accept": "application/json"},
         )
+        status, headers = answer.status, answer.headers
         if 300 <= status < 400:
             raise self._redirect_error(what, status, headers)
         if status >= 400:
+            text = _decode(answer.body, answer.charset)
             raise self._odata_http_error(status, text, headers, url, entity_set)
-        body = parse_json(
-            text, status=status, content_type=headers.get("Content-Type", ""), what=what
+        page = decode_answer(
+            ODataPage,
+            answer.body,
+            status=status,
+            content_type=headers.get("Content-Type", ""),
+            charset=answer.charset,
+            what=what,
+            code="ODATA_BAD_RESPONSE",
+            describe_problem=_odata_problem,
         )
-        if not isinstance(body, dict) or not isinstance(body.get("value"), list):
-            shape = (
-                "an object without a 'value' array"
-                if isinstance(body, dict)
-                else f"JSON {type(body).__name__} instead of an object"
-            )
+        if page.error is not None:
+            code = str(page.error.code) if page.error.code is not None else None
             raise PermanentError(
-                f"{what}: the answer is not an OData collection ({shape});"
-                " is odata_url the service root?",
+                f"{what}: the service answered an error (with HTTP {status}):"
+                f" {self._scrub(page.error.text)}",
+                status=status,
+                code=code or "ODATA_ERROR",
+            )
+        if page.value is None:
+            raise PermanentError(
+                f"{what}: the answer is not an OData collection (an object without a 'value'"
+                " array); is odata_url the service root?",
                 status=status,
                 code="ODATA_BAD_RESPONSE",
             )
         rows: list[dict[str, Any]] = []
-        for row in body["value"]:
-            if not isinstance(row, dict):
-                raise PermanentError(
-                    f"{what}: a row is a {type(row).__name__}, not an object",
-                    status=status,
-                    code="ODATA_BAD_RESPONSE",
-                )
+        for row in page.value:
             if "@" in "".join(row):  # a cheap test first: rows seldom carry annotations
                 row = {k: v for k, v in row.items() if not k.startswith("@")}
             rows.append(row)
-        next_link = body.get("@odata.nextLink")
-        if next_link is not None and not isinstance(next_link, str):
-            raise PermanentError(
-                f"{what}: @odata.nextLink is a {type(next_link).__name__}, not a URL",
-                status=status,
-                code="ODATA_BAD_RESPONSE",
-            )
-        return rows, next_link
+        return rows, page.next_link
 
     def _odata_http_error(
         self, status: int, text: str, headers: Mapping[str, str], url: URL, entity_set: str
@@ -777,27 +842,29 @@ class SysproConnector:
             limiter=self.limiter,
         )
 
+    def _guard(self, stream: StreamSpec, what: str = "read") -> PageGuard:
+        return PageGuard(
+            self.name, stream.entity, max_pages=self.settings.max_pages_per_read, what=what
+        )
+
     async def _follow(
-        self, url: URL, entity_set: str
-    ) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
-        """The pages of one request, following ``@odata.nextLink`` (server-driven paging);
-        yields (rows, whether the server paged)."""
-        seen: set[str] = set()
+        self, url: URL, entity_set: str, stream: StreamSpec, guard: PageGuard
+    ) -> AsyncIterator[tuple[list[dict[str, Any]], bool, int]]:
+        """The pages of one request, following ``@odata.nextLink`` (server-driven paging) as long
+        as ``guard`` allows; yields (rows, whether the server paged, rows new to this read).
+        Every row has the stream's key and change fields."""
         paged = False
         while True:
             rows, next_link = await self._odata_page(url, entity_set)
+            self._validate_rows(stream, entity_set, rows)
+            count, new = guard.add(stream.key_of(row) for row in rows)
             if next_link is not None:
                 paged = True
-            yield rows, paged
+                url = self._next_url(url, next_link, entity_set)
+                guard.follow(str(url), count=count, new=new)
+            yield rows, paged, new
             if next_link is None:
                 return
-            url = self._next_url(url, next_link, entity_set)
-            if str(url) in seen:
-                raise PermanentError(
-                    f"SYSPRO OData {entity_set}: @odata.nextLink repeats itself",
-                    code="ODATA_BAD_RESPONSE",
-                )
-            seen.add(str(url))
 
     def _validate_rows(
         self, stream: StreamSpec, entity_set: str, rows: list[dict[str, Any]]
@@ -849,20 +916,18 @@ class SysproConnector:
         else:
             params["$orderby"] = keys
         page_size = stream.page_size or self.settings.page_size
+        guard = self._guard(stream)
         skip = 0
         previous_first: str | None = None
         cap_known = False  # a short window is the end, not a silent row cap
+        url = self._odata_url(entity_set, {**params, "$top": str(page_size)})
         while True:
-            window = {**params, "$top": str(page_size)}
-            if skip:
-                window["$skip"] = str(skip)
-            received, first = 0, None
-            url = self._odata_url(entity_set, window)
-            async for rows, paged in self._follow(url, entity_set):
+            received, new, first = 0, 0, None
+            async for rows, paged, new_rows in self._follow(url, entity_set, stream, guard):
                 cap_known = cap_known or paged
+                new += new_rows
                 if not rows:
                     continue
-                self._validate_rows(stream, entity_set, rows)
                 if first is None:
                     first = stream.key_of(rows[0])
                     if first == previous_first:
@@ -878,6 +943,10 @@ class SysproConnector:
                 return
             previous_first = first
             skip += received
+            url = self._odata_url(
+                entity_set, {**params, "$top": str(page_size), "$skip": str(skip)}
+            )
+            guard.follow(str(url), count=received, new=new)
 
     async def fetch(self, stream: StreamSpec, ids: list[str]) -> list[dict[str, Any]]:
         """The rows whose key (``StreamSpec.key_of``, ``shared.keys``) is in ``ids``."""
@@ -889,8 +958,8 @@ class SysproConnector:
         async def read(chunk: list[str]) -> list[dict[str, Any]]:
             url = self._odata_url(entity_set, {**params, "$filter": " or ".join(chunk)})
             out: list[dict[str, Any]] = []
-            async for rows, _ in self._follow(url, entity_set):
-                self._validate_rows(stream, entity_set, rows)
+            guard = self._guard(stream, "fetch")
+            async for rows, _, _ in self._follow(url, entity_set, stream, guard):
                 out.extend(rows)
             return out
 
@@ -962,7 +1031,7 @@ class SysproConnector:
 
     async def _ping_logon(self) -> str:
         before = self.logons
-        await self._current_session()
+        await call_with_retries(self._current_session, policy=PING_POLICY, limiter=self.limiter)
         who = f"operator {self.settings.operator!r}, company {self.settings.company_id!r}"
         if self.logons > before:
             return f"logged on as {who}"

@@ -7,6 +7,12 @@
 - source: ``GET /{module}`` with mandatory ``fields``, ``If-Modified-Since``, sorted by
   ``Modified_Time``; ``page`` for the first 2,000 rows, then ``page_token``;
 - limits: a concurrency cap per connection; 429 pauses the connection (no Retry-After is sent).
+
+Every answer is decoded into a pydantic model of what we consume (token answer, upsert results,
+read and search pages) before it is trusted: an upsert "success" without a valid ``details.id``
+fails that record, never links it to "None". Answers are capped in size (``max_response_mb``),
+reads end on a page token that loops (``max_pages_per_read``, ``shared.connectors.paging``), and
+the token endpoint is asked once per attempt of the API call that needs the token.
 """
 
 from __future__ import annotations
@@ -15,14 +21,25 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import from_json
 from yarl import URL
 
 from shared.connections import ConnectorType
 from shared.connectors.base import PingResult, StreamSpec, WriteOutcome
+from shared.connectors.paging import DEFAULT_MAX_PAGES, MAX_PAGES_LIMIT, PageGuard
 from shared.failures import (
     AuthError,
     ConnectorError,
@@ -32,10 +49,22 @@ from shared.failures import (
     TransientError,
     http_error,
 )
-from shared.http import CallTimer, client_session, parse_json, transport_error
+from shared.http import (
+    DEFAULT_MAX_RESPONSE_MB,
+    BodyCap,
+    CallTimer,
+    HttpAnswer,
+    client_session,
+    decode_answer,
+    send,
+    validation_problem,
+)
+from shared.logs import redact, register_secrets
 from shared.ratelimit import RateLimiter
 from shared.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
-from shared.tokens import Token, TokenCache, TokenManager
+from shared.tokens import Token, TokenCache, TokenManager, TokenRefusedError
+
+M = TypeVar("M", bound=BaseModel)
 
 ACCOUNTS_SERVERS = {
     "us": "https://accounts.zoho.com",
@@ -82,6 +111,12 @@ class ZohoCrmSettings(BaseModel):
     read_page_size: int = Field(200, ge=1, le=200)
     token_margin_s: float = Field(300, ge=0, le=3000)
     timeout_s: float = Field(60, gt=0, le=900)
+    max_response_mb: float = Field(
+        DEFAULT_MAX_RESPONSE_MB, gt=0, le=1024, description="largest answer accepted"
+    )
+    max_pages_per_read: int = Field(
+        DEFAULT_MAX_PAGES, ge=1, le=MAX_PAGES_LIMIT, description="ceiling of pages in one read"
+    )
 
     @field_validator("accounts_url", "api_domain")
     @classmethod
@@ -112,22 +147,96 @@ class ZohoCrmSecrets(BaseModel):
     refresh_token: SecretStr
 
 
+# -- the answers we consume, as models ----------------------------------------------------------
+
+
+def _id_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+ZohoId = Annotated[str, BeforeValidator(_id_text), Field(pattern=r"^[0-9]{1,30}$")]
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class TokenAnswer(_Answer):
+    """The accounts server's answer: a token, or ``{"error": ...}`` (with HTTP 200)."""
+
+    access_token: str | None = Field(None, min_length=1)
+    expires_in: float | None = Field(None, gt=0)
+    expires_in_sec: float | None = Field(None, gt=0)  # legacy: expires_in is then in ms
+    api_domain: str | None = None
+    error: str | None = None
+    error_description: str | None = None
+
+
+class UpsertAnswer(_Answer):
+    data: list[Any]  # one item per record; each is checked alone (a bad one fails its record)
+
+
+class WrittenDetails(_Answer):
+    id: ZohoId
+
+
+class UpsertSuccess(_Answer):
+    status: Literal["success"]
+    action: str | None = None
+    details: WrittenDetails
+
+
+class RecordError(_Answer):
+    status: str | None = None
+    code: str | None = None
+    message: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class PageInfo(_Answer):
+    more_records: bool = False
+    next_page_token: str | None = None
+
+
+class RecordsPage(_Answer):
+    """A read, fetch or search page: ``{"data": [...], "info": {...}}``."""
+
+    data: list[dict[str, Any]]
+    info: PageInfo = PageInfo()
+
+
+class AnyObject(RootModel[dict[str, Any]]):
+    pass
+
+
+class ReadRecord(_Answer):
+    id: ZohoId
+
+
 def escape_criteria(value: str) -> str:
     """Escape a value for ``criteria=(Field:equals:value)``."""
     return re.sub(r"([\\(),])", r"\\\1", value)
 
 
-def _record_error(item: Mapping[str, Any]) -> tuple[FailureClass, str, str]:
-    code = str(item.get("code") or "UNKNOWN")
-    details = item.get("details") or {}
+def _record_error(item: RecordError) -> tuple[FailureClass, str, str]:
+    code = str(item.code or "UNKNOWN")
+    details = item.details or {}
     where = ", ".join(
         f"{k}={details[k]}" for k in ("api_name", "json_path", "expected_data_type") if k in details
     )
-    message = str(item.get("message") or "rejected")
-    text = f"{message}" + (f" ({where})" if where else "")
+    message = str(item.message or "rejected")
+    text = redact(f"{message}" + (f" ({where})" if where else ""))
     if code in TRANSIENT_RECORD_CODES:
         return FailureClass.TRANSIENT, code, text
     return FailureClass.PERMANENT, code, text
+
+
+def _error_body(answer: HttpAnswer) -> Any:
+    """An error answer's JSON, or None when it is not JSON (a proxy's HTML page)."""
+    try:
+        return from_json(answer.body) if answer.body else None
+    except ValueError:
+        return None
 
 
 class ZohoCrmConnector:
@@ -154,8 +263,10 @@ class ZohoCrmConnector:
             if isinstance(secrets, ZohoCrmSecrets)
             else ZohoCrmSecrets.model_validate(secrets)
         )
+        register_secrets(self._secrets)
         self.max_batch = self.settings.upsert_batch_size
         self.retry_policy = retry_policy
+        self.cap = BodyCap.of(name, self.settings.max_response_mb)
         self.limiter = RateLimiter(name, max_concurrency=self.settings.max_concurrency)
         self.tokens = TokenManager(
             name, self._refresh, cache=token_cache, margin_s=self.settings.token_margin_s
@@ -185,39 +296,37 @@ class ZohoCrmConnector:
             await self._http.close()
             self._http = None
 
-    def _scrub(self, text: str) -> str:
-        for secret in (
-            self._secrets.client_secret.get_secret_value(),
-            self._secrets.refresh_token.get_secret_value(),
-            self._token.value if self._token else "",
-        ):
-            if secret:
-                text = text.replace(secret, "***")
-        return text
-
     async def _send(
-        self, method: str, url: URL, *, what: str, operation: str, **kwargs: Any
-    ) -> tuple[int, str, str]:
-        """One HTTP exchange: status, body text and content type; transport failures come back
-        classified and timed."""
-        timer = CallTimer(self.name, operation)
-        try:
-            async with self._client().request(
-                method, url, allow_redirects=False, **kwargs
-            ) as response:
-                status, text = response.status, await response.text()
-                ctype = response.content_type
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            timer.done(type(exc).__name__)
-            raise transport_error(
-                exc, what, url, timeout_s=self.settings.timeout_s, scrub=self._scrub
-            ) from None
-        timer.done(status)
-        return status, text, ctype
+        self,
+        method: str,
+        url: URL,
+        *,
+        what: str,
+        operation: str,
+        record: bool = True,
+        **kwargs: Any,
+    ) -> tuple[HttpAnswer, CallTimer]:
+        """One HTTP exchange, its answer capped in size; transport failures come back classified
+        and timed. Returns the answer and the call's timer (see ``shared.http.send``)."""
+        return await send(
+            self._client(),
+            method,
+            url,
+            connection=self.name,
+            operation=operation,
+            what=what,
+            cap=self.cap,
+            timeout_s=self.settings.timeout_s,
+            record=record,
+            scrub=redact,
+            **kwargs,
+        )
 
     # -- auth ---------------------------------------------------------------------------------
 
     async def _refresh(self) -> Token:
+        """One request for an access token: no retries of its own, as it runs inside the API
+        call that needs the token, whose retries are the only ones."""
         url = URL(self.settings.token_url)
         what = f"Zoho token refresh at {url.scheme}://{url.host}"
         form = {
@@ -226,40 +335,46 @@ class ZohoCrmConnector:
             "client_id": self.settings.client_id,
             "client_secret": self._secrets.client_secret.get_secret_value(),
         }
-
-        async def once() -> Token:
-            status, text, ctype = await self._send(
-                "POST", url, what=what, operation="oauth.token", data=form
+        answer, timer = await self._send(
+            "POST", url, what=what, operation="oauth.token", record=False, data=form
+        )
+        try:
+            if answer.status >= 500:
+                raise TransientError(f"{what}: HTTP {answer.status}", status=answer.status)
+            body = decode_answer(
+                TokenAnswer,
+                answer.body,
+                status=answer.status,
+                content_type=answer.content_type,
+                charset=answer.charset,
+                what=what,
+                malformed=TransientError,
             )
-            if status >= 500:
-                raise TransientError(f"{what}: HTTP {status}", status=status)
-            body = parse_json(text, status=status, content_type=ctype, what=what)
-            return self._token_from(body, what, status)
+            token = self._token_from(body, what, answer.status)
+        except ConnectorError as exc:
+            # a token endpoint's error is a failed call whatever its HTTP status (Zoho answers
+            # {"error": "invalid_code"} with 200)
+            timer.done(exc.code if exc.code and answer.status < 300 else answer.status)
+            raise
+        timer.done(answer.status)
+        return token
 
-        return await call_with_retries(once, policy=self.retry_policy)
-
-    def _token_from(self, body: Any, what: str, status: int) -> Token:
-        if not isinstance(body, dict):
-            raise TransientError(f"{what}: unexpected answer (HTTP {status})", status=status)
-        if "access_token" in body:
-            expires = body.get("expires_in", 3600)
-            if "expires_in_sec" in body:  # legacy: expires_in in milliseconds
-                expires = body["expires_in_sec"]
-            try:
-                seconds = float(expires)
-            except (TypeError, ValueError):
-                seconds = 3600.0
-            api_domain = self.settings.api_domain or body.get("api_domain")
+    def _token_from(self, body: TokenAnswer, what: str, status: int) -> Token:
+        if body.access_token:
+            seconds = body.expires_in if body.expires_in is not None else 3600.0
+            if body.expires_in_sec is not None:  # legacy: expires_in in milliseconds
+                seconds = body.expires_in_sec
+            api_domain = self.settings.api_domain or body.api_domain
             if not isinstance(api_domain, str) or not api_domain.startswith("http"):
-                raise TransientError(f"{what}: the token answer has no api_domain")
+                raise TransientError(
+                    f"{what}: the token answer has no api_domain", code="MALFORMED_RESPONSE"
+                )
             return Token(
-                str(body["access_token"]),
-                time.time() + seconds,
-                {"api_domain": api_domain.rstrip("/")},
+                body.access_token, time.time() + seconds, {"api_domain": api_domain.rstrip("/")}
             )
-        error = str(body.get("error") or "")
+        error = body.error or ""
         if error == "invalid_client":
-            raise AuthError(
+            raise TokenRefusedError(
                 f"{what}: invalid_client: the client id or secret is wrong, or the account lives"
                 f" in another datacenter than {URL(self.settings.token_url).host}"
                 " (set datacenter or accounts_url)",
@@ -267,7 +382,7 @@ class ZohoCrmConnector:
                 status=status,
             )
         if error == "invalid_code":
-            raise AuthError(
+            raise TokenRefusedError(
                 f"{what}: invalid_code: the refresh token is revoked or wrong; generate a new"
                 " one and update the connection's secrets",
                 code="invalid_code",
@@ -275,14 +390,19 @@ class ZohoCrmConnector:
             )
         if (
             error == "Access Denied"
-            or "too many requests" in str(body.get("error_description", "")).lower()
+            or "too many requests" in (body.error_description or "").lower()
         ):
             raise ThrottledError(
                 f"{what}: token limit reached (10 tokens per refresh token in 10 minutes)",
                 code="TOKEN_THROTTLED",
+                status=status,
                 retry_after=60,
             )
-        raise AuthError(f"{what}: {error or 'no access_token in the answer'}", code=error or None)
+        raise AuthError(
+            redact(f"{what}: {error or 'no access_token in the answer'}"),
+            code=error or "NO_ACCESS_TOKEN",
+            status=status,
+        )
 
     async def _auth(self) -> Token:
         token = await self.tokens.get()
@@ -298,19 +418,23 @@ class ZohoCrmConnector:
         self,
         method: str,
         path: str,
+        model: type[M],
         *,
         params: Mapping[str, str] | None = None,
         json: Any = None,
         headers: Mapping[str, str] | None = None,
         operation: str,
-    ) -> tuple[int, Any]:
-        """An API call with retries: (status, decoded body). Raises classified errors."""
+        data_on_400: bool = False,
+    ) -> tuple[int, M | None]:
+        """An API call with retries (the only retry layer: the token is obtained inside it):
+        (status, the answer as ``model``, None for 204/304). Raises classified errors.
+        ``data_on_400``: a 400 that carries per-record results is an answer (upsert)."""
 
-        async def once() -> tuple[int, Any]:
+        async def once() -> tuple[int, M | None]:
             token = await self._auth()
             url = URL(token.context["api_domain"] + self.settings.api_path + path)
             what = f"Zoho CRM {method} {self.settings.api_path}{path}"
-            status, text, ctype = await self._send(
+            answer, _ = await self._send(
                 method,
                 url,
                 what=what,
@@ -319,12 +443,24 @@ class ZohoCrmConnector:
                 json=json,
                 headers={"Authorization": f"Zoho-oauthtoken {token.value}", **(headers or {})},
             )
+            status = answer.status
             if status in (204, 304):
                 return status, None
-            body = parse_json(text, status=status, content_type=ctype, what=what)
-            if status >= 400 and not (status == 400 and isinstance(body, dict) and "data" in body):
-                raise self._request_error(status, body, what)
-            return status, body
+            if status >= 400:
+                body = _error_body(answer)
+                if not (
+                    data_on_400 and status == 400 and isinstance(body, dict) and "data" in body
+                ):
+                    raise self._request_error(status, body, what)
+            return status, decode_answer(
+                model,
+                answer.body,
+                status=status,
+                content_type=answer.content_type,
+                charset=answer.charset,
+                what=what,
+                malformed=TransientError,
+            )
 
         return await call_with_retries(
             once,
@@ -335,8 +471,8 @@ class ZohoCrmConnector:
 
     def _request_error(self, status: int, body: Any, what: str) -> ConnectorError:
         code = str(body.get("code")) if isinstance(body, dict) and body.get("code") else None
-        message = str(body.get("message")) if isinstance(body, dict) else ""
-        text = f"{what}: HTTP {status} {code or ''} {message}".strip()
+        message = str(body.get("message") or "") if isinstance(body, dict) else ""
+        text = redact(f"{what}: HTTP {status} {code or ''} {message}".strip())
         if status == 429 or code == "TOO_MANY_REQUESTS":
             return ThrottledError(
                 f"{text} (API credits or the concurrency limit)", code=code, status=status
@@ -374,45 +510,36 @@ class ZohoCrmConnector:
     async def _upsert_chunk(
         self, entity: str, records: list[dict[str, Any]], match_on: list[str]
     ) -> list[WriteOutcome]:
+        what = f"Zoho CRM upsert {entity}"
         _, body = await self._call(
             "POST",
             f"/{entity}/upsert",
+            UpsertAnswer,
             json={"data": records, "duplicate_check_fields": match_on, "trigger": []},
             operation=f"upsert.{entity}",
+            data_on_400=True,
         )
-        items = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(items, list) or len(items) != len(records):
+        items = body.data if body is not None else None
+        if items is None or len(items) != len(records):
             raise TransientError(
-                f"Zoho CRM upsert {entity}: malformed response: expected {len(records)} results,"
-                f" got {len(items) if isinstance(items, list) else type(items).__name__}",
+                f"{what}: malformed response: expected {len(records)} results,"
+                f" got {len(items) if items is not None else 'none'}",
                 code="MALFORMED_RESPONSE",
             )
-        outcomes = []
-        for item in items:
-            if not isinstance(item, dict):
-                outcomes.append(
-                    WriteOutcome(False, failure=FailureClass.TRANSIENT, error="malformed result")
-                )
-                continue
-            if item.get("status") == "success":
-                details = item.get("details") or {}
-                action = "insert" if item.get("action") == "insert" else "update"
-                outcomes.append(WriteOutcome(True, target_id=str(details.get("id")), action=action))
-            else:
-                failure, code, text = _record_error(item)
-                outcomes.append(WriteOutcome(False, failure=failure, error=text, code=code))
-        return outcomes
+        return [_outcome(what, index, item) for index, item in enumerate(items)]
 
     async def find_id(self, entity: str, field: str, value: str) -> str | None:
+        what = f"Zoho CRM search {entity}"
         _, body = await self._call(
             "GET",
             f"/{entity}/search",
+            RecordsPage,
             params={"criteria": f"({field}:equals:{escape_criteria(value)})", "fields": field},
             operation=f"search.{entity}",
         )
-        for record in (body or {}).get("data") or []:
-            if isinstance(record, dict) and str(record.get(field, "")) == value:
-                return str(record["id"])
+        for record in body.data if body is not None else []:
+            if str(record.get(field, "")) == value:
+                return _record_id(what, record)
         return None
 
     # -- source -------------------------------------------------------------------------------
@@ -440,6 +567,7 @@ class ZohoCrmConnector:
         }
         headers = {"If-Modified-Since": since.replace("Z", "+00:00")} if since else {}
         per_page = int(params["per_page"])
+        guard = PageGuard(self.name, stream.entity, max_pages=self.settings.max_pages_per_read)
         page, token = 1, None
         while True:
             query = dict(params)
@@ -450,29 +578,34 @@ class ZohoCrmConnector:
             status, body = await self._call(
                 "GET",
                 f"/{stream.entity}",
+                RecordsPage,
                 params=query,
                 headers=headers,
                 operation=f"read.{stream.entity}",
             )
-            if status in (204, 304) or not body:
+            if status in (204, 304) or body is None:
                 return
-            rows = body.get("data")
-            if not isinstance(rows, list):
-                raise TransientError(f"Zoho CRM read {stream.entity}: no data array")
-            if rows:
-                yield rows
-            info = body.get("info") or {}
-            if not info.get("more_records"):
+            rows = body.data
+            keys = (row.get("id") or stream.key_of(row) for row in rows)
+            if not body.info.more_records:
+                guard.page(keys, None)
+                if rows:
+                    yield rows
                 return
-            next_token = info.get("next_page_token")
+            next_token = body.info.next_page_token
             if token is not None or (page + 1) * per_page > DISCRETE_PAGE_LIMIT:
                 if not next_token:
                     raise TransientError(
-                        f"Zoho CRM read {stream.entity}: more records but no next_page_token"
+                        f"Zoho CRM read {stream.entity}: more records but no next_page_token",
+                        code="MALFORMED_RESPONSE",
                     )
-                token = str(next_token)
+                token = next_token
+                guard.page(keys, f"page_token={token}")
             else:
                 page += 1
+                guard.page(keys, f"page={page}")
+            if rows:
+                yield rows
 
     async def fetch(self, stream: StreamSpec, ids: list[str]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -480,11 +613,12 @@ class ZohoCrmConnector:
             _status, body = await self._call(
                 "GET",
                 f"/{stream.entity}",
+                RecordsPage,
                 params={"ids": ",".join(ids[i : i + 100]), "fields": self._fields(stream)},
                 operation=f"fetch.{stream.entity}",
             )
-            if body:
-                out.extend(r for r in body.get("data") or [] if isinstance(r, dict))
+            if body is not None:
+                out.extend(body.data)
         return out
 
     # -- ping ---------------------------------------------------------------------------------
@@ -492,9 +626,9 @@ class ZohoCrmConnector:
     async def ping(self) -> PingResult:
         result = PingResult(self.name, self.system)
         try:
-            token = await self._auth()
+            token = await call_with_retries(self._auth, policy=self.retry_policy)
         except ConnectorError as exc:
-            result.add("token", False, self._scrub(str(exc)))
+            result.add("token", False, redact(str(exc)))
             return result
         result.add(
             "token",
@@ -503,17 +637,21 @@ class ZohoCrmConnector:
             f" API at {token.context['api_domain']}",
         )
         try:
-            _, body = await self._call("GET", "/org", operation="ping.org")
-            org = ((body or {}).get("org") or [{}])[0]
+            _, body = await self._call("GET", "/org", AnyObject, operation="ping.org")
+            orgs = (body.root if body is not None else {}).get("org") or [{}]
+            org = orgs[0] if isinstance(orgs, list) and isinstance(orgs[0], dict) else {}
             result.add(
                 "api", True, f"{self.settings.api_path} answers; org {org.get('company_name', '?')}"
             )
         except ConnectorError as exc:
-            result.add("api", False, self._scrub(str(exc)))
+            result.add("api", False, redact(str(exc)))
             return result
         try:
-            _, body = await self._call("GET", "/settings/modules", operation="ping.modules")
-            modules = {m.get("api_name") for m in (body or {}).get("modules") or []}
+            _, body = await self._call(
+                "GET", "/settings/modules", AnyObject, operation="ping.modules"
+            )
+            listed = (body.root if body is not None else {}).get("modules") or []
+            modules = {m.get("api_name") for m in listed if isinstance(m, dict)}
             wanted = {"Accounts", "Deals"}
             missing = wanted - modules
             result.add(
@@ -523,8 +661,48 @@ class ZohoCrmConnector:
                 + (f"; missing {', '.join(sorted(missing))}" if missing else ""),
             )
         except ConnectorError as exc:
-            result.add("permissions", False, self._scrub(str(exc)))
+            result.add("permissions", False, redact(str(exc)))
         return result
+
+
+def _outcome(what: str, index: int, item: Any) -> WriteOutcome:
+    """One record's result of an upsert, checked before it is trusted: a success must name the
+    written record's id (a success without one fails the record, it never links "None")."""
+    if isinstance(item, dict) and item.get("status") == "success":
+        try:
+            success = UpsertSuccess.model_validate(item)
+        except ValidationError as exc:
+            return WriteOutcome(
+                False,
+                failure=FailureClass.TRANSIENT,
+                error=f"{what}: result {index} says success but is malformed"
+                f" ({validation_problem(exc)}); the record is not linked, and will be"
+                " written again (the upsert matches it)",
+                code="MALFORMED_RESULT",
+            )
+        action: Literal["insert", "update"] = "insert" if success.action == "insert" else "update"
+        return WriteOutcome(True, target_id=success.details.id, action=action)
+    try:
+        error = RecordError.model_validate(item)
+    except ValidationError as exc:
+        return WriteOutcome(
+            False,
+            failure=FailureClass.TRANSIENT,
+            error=f"{what}: result {index} is malformed ({validation_problem(exc)})",
+            code="MALFORMED_RESULT",
+        )
+    failure, code, text = _record_error(error)
+    return WriteOutcome(False, failure=failure, error=text, code=code)
+
+
+def _record_id(what: str, record: dict[str, Any]) -> str:
+    try:
+        return ReadRecord.model_validate(record).id
+    except ValidationError as exc:
+        raise TransientError(
+            f"{what}: a record without a valid id ({validation_problem(exc)})",
+            code="MALFORMED_RESPONSE",
+        ) from None
 
 
 CONNECTOR_TYPE = ConnectorType(

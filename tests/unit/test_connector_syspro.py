@@ -24,6 +24,7 @@ from yarl import URL
 
 from shared.connections import StoredConnection, build_connector, connector_type
 from shared.connectors.base import Source, StreamSpec
+from shared.connectors.paging import PagingError
 from shared.connectors.syspro import (
     CONNECTOR_TYPE,
     FETCH_CHUNK_IDS,
@@ -45,6 +46,7 @@ from shared.failures import (
     ThrottledError,
     TransientError,
     classify,
+    describe,
 )
 from shared.retry import RetryPolicy
 from shared.tokens import Token
@@ -1044,3 +1046,129 @@ async def test_ping_turns_an_unexpected_exception_into_a_failed_check(
     assert not checks["profile"].ok
     assert checks["profile"].detail.startswith("unexpected error (RuntimeError): boom")
     assert_no_secret(checks["profile"].detail)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 17: endless paging, OData errors with HTTP 200, echoed credentials
+# --------------------------------------------------------------------------------------------
+
+RUNAWAY = 500  # requests: far more than any read below needs
+
+
+def runaway_guard(answer: Callable[[URL], CallbackResult]) -> Callable[[URL], CallbackResult]:
+    """Fails the read once it has made ``RUNAWAY`` requests (today's code loops until killed,
+    and without ever yielding to the event loop, so a time limit would not stop it)."""
+    served = [0]
+
+    def guarded(url: URL) -> CallbackResult:
+        served[0] += 1
+        if served[0] > RUNAWAY:
+            raise RuntimeError(f"{served[0]} requests and the read goes on")
+        return answer(url)
+
+    return guarded
+
+
+@pytest.mark.parametrize("rows_per_page", [2, 0])
+async def test_a_next_link_that_changes_forever_stops_with_a_clear_error(
+    connector: SysproConnector, http: aioresponses, rows_per_page: int
+) -> None:
+    calls: list[URL] = []
+    same_rows = [{"Customer": "0000001"}, {"Customer": "0000002"}][:rows_per_page]
+
+    def answer(url: URL) -> CallbackResult:
+        token = int(url.query.get("$skiptoken", 0))  # a new link every time, the same rows
+        return collection(same_rows, f"ArCustomer?$orderby=Customer&$skiptoken={token + 1}")
+
+    odata(http, "ArCustomer", runaway_guard(answer), calls)
+    with pytest.raises(PagingError) as info:
+        await read_all(connector, CUSTOMERS, None)
+    message = str(info.value)
+    assert "connection 'syspro-main', ArCustomer" in message
+    assert "loop" in message
+    assert info.value.code == "PAGING_LOOP"
+    assert len(calls) == (2 if rows_per_page else 1)
+
+
+async def test_windows_of_rows_already_read_stop_the_read(
+    connector: SysproConnector, http: aioresponses
+) -> None:
+    """A service that answers $skip with rows of the read already (in another order)."""
+    calls: list[URL] = []
+    table = [{"Customer": f"{n:07d}"} for n in range(1, 5)]
+
+    def answer(url: URL) -> CallbackResult:
+        skip = int(url.query.get("$skip", 0))
+        return collection(table[:2] if skip == 0 else [table[1], table[0]])
+
+    odata(http, "ArCustomer", runaway_guard(answer), calls)
+    stream = StreamSpec("ArCustomer", ("Customer",), page_size=2)
+    with pytest.raises(PagingError, match="all read already"):
+        await read_all(connector, stream, None)
+    assert len(calls) == 2
+
+
+async def test_the_page_ceiling_is_a_connection_setting(http: aioresponses) -> None:
+    conn = SysproConnector(
+        "syspro-ceiling", settings(max_pages_per_read=7), secrets(), retry_policy=FAST
+    )
+    calls: list[URL] = []
+
+    def answer(url: URL) -> CallbackResult:  # new rows on every page, and always more
+        token = int(url.query.get("$skiptoken", 0))
+        rows = [{"Customer": f"{token:07d}"}]
+        return collection(rows, f"ArCustomer?$orderby=Customer&$skiptoken={token + 1}")
+
+    odata(http, "ArCustomer", runaway_guard(answer), calls)
+    try:
+        with pytest.raises(PagingError) as info:
+            await read_all(conn, CUSTOMERS, None)
+    finally:
+        await conn.close()
+    assert info.value.code == "PAGE_LIMIT"
+    assert "ceiling of 7 pages" in str(info.value)
+    assert "max_pages_per_read" in str(info.value)
+    assert len(calls) == 7
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"code": "QueryTimeout", "message": "Execution Timeout Expired (SQL Server)"},
+        {
+            "code": "QueryTimeout",
+            "message": {"lang": "en-US", "value": "Execution Timeout Expired"},
+        },
+    ],
+)
+async def test_an_odata_error_object_with_http_200_gives_the_servers_message(
+    connector: SysproConnector, http: aioresponses, error: dict[str, Any]
+) -> None:
+    odata(
+        http,
+        "ArCustomer",
+        lambda url: CallbackResult(
+            body=json.dumps({"error": error}), content_type="application/json"
+        ),
+        [],
+    )
+    with pytest.raises(PermanentError) as info:
+        await read_all(connector, CUSTOMERS, None)
+    message = str(info.value)
+    assert "Execution Timeout Expired" in message
+    assert info.value.code == "QueryTimeout"
+    assert "service root" not in message
+
+
+async def test_credentials_echoed_by_odata_are_masked(
+    connector: SysproConnector, http: aioresponses
+) -> None:
+    basic = base64.b64encode(f"ADMIN:{OD_PASSWORD}".encode()).decode()
+    echo = f"denied for Authorization: Basic {basic} (password {OD_PASSWORD})"
+    body = json.dumps({"error": {"code": "Denied", "message": echo}})
+    odata(http, "ArCustomer", lambda url: CallbackResult(status=403, body=body), [])
+    with pytest.raises(PermanentError) as info:
+        await read_all(connector, CUSTOMERS, None)
+    for text in (str(info.value), describe(info.value)):
+        assert basic not in text and OD_PASSWORD not in text
+        assert "denied for Authorization" in text
