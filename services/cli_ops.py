@@ -229,35 +229,44 @@ def flows() -> None:
 @flows.command("apply")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 def flows_apply(files: tuple[str, ...]) -> None:
-    """Validate flow files and store them (a changed flow gets a new version)."""
+    """Validate flow files and store them (a changed flow gets a new version). Every file is
+    validated first; then all of them are stored in one transaction, or none."""
     from shared.flow_store import FlowStore
     from shared.flows import FlowFileError, load_flow_file
 
     parsed = []
     errors = []
+    origin: dict[str, str] = {}
     for path in files:
         try:
-            parsed.append((path, load_flow_file(path)))
+            flow = load_flow_file(path)
         except FlowFileError as exc:
             errors.append(str(exc))
+            continue
+        if flow.name in origin:
+            errors.append(f"{path}: flow {flow.name!r} is also defined in {origin[flow.name]}")
+            continue
+        origin[flow.name] = path
+        parsed.append((path, flow))
     if errors:
-        _fail("invalid flow file:\n" + "\n".join(errors), 2)
+        _fail("invalid flow file (nothing applied):\n" + "\n".join(errors), 2)
 
     async def go() -> list[str]:
         async with _pool() as pool:
             known = {r["name"] for r in await pool.fetch("SELECT name FROM connections")}
-            out = []
-            for path, flow in parsed:
-                missing = [c for c in (flow.source, flow.target) if c not in known]
-                if missing:
-                    _fail(
-                        f"{path}: flow {flow.name!r}: connection(s) {', '.join(missing)} not"
-                        " found (ml-connector connections add ...)",
-                        2,
-                    )
-                version, what = await FlowStore(pool).apply(flow, file=str(path))
-                out.append(f"{flow.name} v{version} {what}")
-            return out
+            missing = [
+                f"{path}: flow {flow.name!r}: connection(s) {', '.join(absent)} not found"
+                " (ml-connector connections add ...)"
+                for path, flow in parsed
+                if (absent := [c for c in (flow.source, flow.target) if c not in known])
+            ]
+            if missing:
+                _fail("nothing applied:\n" + "\n".join(missing), 2)
+            results = await FlowStore(pool).apply_all([(f, str(p)) for p, f in parsed])
+            return [
+                f"{flow.name} v{version} {what}"
+                for (_, flow), (version, what) in zip(parsed, results, strict=True)
+            ]
 
     for line in _run(go()):
         click.echo(line)
