@@ -164,13 +164,17 @@ def vault_group() -> None:
 @vault_group.command()
 def rotate() -> None:
     """Re-encrypt every secret under MLC_MASTER_KEY (keep the old key in MLC_OLD_MASTER_KEYS)."""
-    from shared.vault import Vault
+    from shared.vault import Vault, VaultError
 
     async def go() -> dict[str, int]:
         async with _pool() as pool:
             return await Vault.from_settings(load_settings()).rotate(pool)
 
-    click.echo(_json(_run(go())))
+    try:
+        counts = _run(go())
+    except VaultError as exc:
+        _fail(str(exc))
+    click.echo(_json(counts))
 
 
 from services import cli_ops  # noqa: E402,F401  (registers connections, flows, status, ...)
