@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     webhook_port: int = Field(8300, ge=0, le=65535)
     webhook_bind: str = Field("127.0.0.1", description="address the webhook server listens on")
     webhook_public_url: str = "http://127.0.0.1:8300"
+    webhook_read_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a request's headers and body must arrive within this"
+    )
+    webhook_max_requests: int = Field(
+        100, ge=1, le=10_000, description="webhook requests served at once; more get 503"
+    )
     replica: str = Field("", description="name of this replica in the audit trail")
 
     @field_validator("retry_delays_s", "writer_targets", mode="before")
