@@ -137,8 +137,14 @@ async def test_flows_apply_is_all_or_nothing(
         ("soon", "not 'soon'"),
     ],
 )
-async def test_audit_since_is_bounded(cli: Cli, since: str, expected: str) -> None:
-    result = await cli("audit", "--failed", "--since", since)
+@pytest.mark.parametrize(
+    "command",
+    [("audit", "--failed", "--since"), ("dlq", "list", "--since"), ("dlq", "list", "--until")],
+)
+async def test_audit_and_dlq_since_are_bounded(
+    cli: Cli, command: tuple[str, ...], since: str, expected: str
+) -> None:
+    result = await cli(*command, since)
     err = _one_line_failure(result, (2,))
     assert "--since/--until takes a duration (1h) or an ISO time" in err and expected in err
     assert len(err.strip().splitlines()) == 1
