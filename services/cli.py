@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -85,6 +86,41 @@ def run(service: str, health_port: int | None) -> None:
         _run(run_services(settings, service, health_port))
     except TopologyError as exc:  # a queue declared otherwise before: one line, what to do
         _fail(str(exc))
+    except StartupError as exc:
+        _fail(str(exc))
+
+
+class StartupError(Exception):
+    """A service could not start (a port it must listen on is taken); one line for the
+    operator. Nothing reported ready."""
+
+
+async def _listen(ctx: Any, names: list[str], health: Any) -> dict[str, Any]:
+    """Bind every port of the process before any of it reports ready: the webhook receiver's
+    (when it runs here), then the health server's, which serves /readyz. A port that cannot be
+    bound is a StartupError, and /readyz never answers."""
+    from services.webhooks.service import WebhookServer, WebhookStartError
+
+    bound: dict[str, Any] = {}
+    if "webhooks" in names:
+        webhooks = WebhookServer(ctx)
+        try:
+            await webhooks.start()
+        except WebhookStartError as exc:
+            raise StartupError(str(exc)) from None
+        bound["webhooks"] = webhooks
+    try:
+        await health.start()
+    except OSError as exc:
+        await health.stop()
+        for server in bound.values():
+            await server.stop()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc) or exc.__class__.__name__
+        raise StartupError(
+            f"health checks: cannot listen on 127.0.0.1:{health.port}: {reason}"
+            " (set MLC_HEALTH_PORT or --health-port; 0 picks a free port)"
+        ) from None
+    return bound
 
 
 async def run_services(
@@ -93,6 +129,7 @@ async def run_services(
     health_port: int | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
+    import functools
     import logging
 
     from services.runtime import HealthServer, install_stop_signals, open_context
@@ -105,9 +142,18 @@ async def run_services(
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
     health = HealthServer(ctx, settings.health_port if health_port is None else health_port)
-    port = await health.start()
-    log.info("%s started; health on 127.0.0.1:%d", service, port)
-    runners = [_service_runner(name) for name in names]
+    try:
+        bound = await _listen(ctx, names, health)
+    except StartupError:
+        await ctx.close()
+        raise
+    log.info("%s started; health on 127.0.0.1:%d", service, health.port)
+    runners = [
+        functools.partial(_service_runner(name), server=bound[name])
+        if name in bound
+        else _service_runner(name)
+        for name in names
+    ]
     tasks = [asyncio.create_task(r(ctx, stop), name=n) for r, n in zip(runners, names, strict=True)]
     try:
         done, _ = await asyncio.wait(
@@ -168,13 +214,17 @@ def vault_group() -> None:
 @vault_group.command()
 def rotate() -> None:
     """Re-encrypt every secret under MLC_MASTER_KEY (keep the old key in MLC_OLD_MASTER_KEYS)."""
-    from shared.vault import Vault
+    from shared.vault import Vault, VaultError
 
     async def go() -> dict[str, int]:
         async with _pool() as pool:
             return await Vault.from_settings(load_settings()).rotate(pool)
 
-    click.echo(_json(_run(go())))
+    try:
+        counts = _run(go())
+    except VaultError as exc:
+        _fail(str(exc))
+    click.echo(_json(counts))
 
 
 from services import cli_ops  # noqa: E402,F401  (registers connections, flows, status, ...)

@@ -37,16 +37,36 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+MAX_JSON_INPUT = 1_000_000  # bytes of a settings or secrets file (or stdin)
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from a file or stdin, or one line saying why not (binary, not UTF-8,
+    not JSON, not an object, too big); never the content, which may be a secret."""
+    if len(raw) > MAX_JSON_INPUT:
+        _fail(f"{what} is larger than {MAX_JSON_INPUT:,} bytes: not a JSON object of settings", 2)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        _fail(f"{what} is not UTF-8 text (byte {exc.start}): is it the right file?", 2)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"{what} is not valid JSON: line {exc.lineno}: {exc.msg}", 2)
+    except RecursionError:
+        _fail(f"{what} is not valid JSON: nested too deeply", 2)
+    if not isinstance(data, dict):
+        _fail(f"{what} must hold a JSON object", 2)
+    return data
+
+
 def _read_json_file(path: str, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        with Path(path).open("rb") as file:
+            raw = file.read(MAX_JSON_INPUT + 1)
     except OSError as exc:
         _fail(f"cannot read {what} {path}: {exc.strerror}", 2)
-    except json.JSONDecodeError as exc:
-        _fail(f"{what} {path} is not valid JSON: line {exc.lineno}: {exc.msg}", 2)
-    if not isinstance(data, dict):
-        _fail(f"{what} {path} must hold a JSON object", 2)
-    return data
+    return _json_object(raw, f"{what} {path}")
 
 
 @connections.command("add")
@@ -87,13 +107,8 @@ def connections_add(
     if secrets_file:
         secrets.update(_read_json_file(secrets_file, "secrets file"))
     if secrets_stdin:
-        try:
-            data = json.loads(sys.stdin.read())
-        except json.JSONDecodeError as exc:
-            _fail(f"stdin is not valid JSON: {exc.msg}", 2)
-        if not isinstance(data, dict):
-            _fail("stdin must hold a JSON object of secrets", 2)
-        secrets.update(data)
+        raw = sys.stdin.buffer.read(MAX_JSON_INPUT + 1)
+        secrets.update(_json_object(raw, "stdin (secrets)"))
     for field_name, info in kind.secrets_model.model_fields.items():
         if field_name in secrets:
             continue
@@ -229,35 +244,44 @@ def flows() -> None:
 @flows.command("apply")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 def flows_apply(files: tuple[str, ...]) -> None:
-    """Validate flow files and store them (a changed flow gets a new version)."""
+    """Validate flow files and store them (a changed flow gets a new version). Every file is
+    validated first; then all of them are stored in one transaction, or none."""
     from shared.flow_store import FlowStore
     from shared.flows import FlowFileError, load_flow_file
 
     parsed = []
     errors = []
+    origin: dict[str, str] = {}
     for path in files:
         try:
-            parsed.append((path, load_flow_file(path)))
+            flow = load_flow_file(path)
         except FlowFileError as exc:
             errors.append(str(exc))
+            continue
+        if flow.name in origin:
+            errors.append(f"{path}: flow {flow.name!r} is also defined in {origin[flow.name]}")
+            continue
+        origin[flow.name] = path
+        parsed.append((path, flow))
     if errors:
-        _fail("invalid flow file:\n" + "\n".join(errors), 2)
+        _fail("invalid flow file (nothing applied):\n" + "\n".join(errors), 2)
 
     async def go() -> list[str]:
         async with _pool() as pool:
             known = {r["name"] for r in await pool.fetch("SELECT name FROM connections")}
-            out = []
-            for path, flow in parsed:
-                missing = [c for c in (flow.source, flow.target) if c not in known]
-                if missing:
-                    _fail(
-                        f"{path}: flow {flow.name!r}: connection(s) {', '.join(missing)} not"
-                        " found (ml-connector connections add ...)",
-                        2,
-                    )
-                version, what = await FlowStore(pool).apply(flow, file=str(path))
-                out.append(f"{flow.name} v{version} {what}")
-            return out
+            missing = [
+                f"{path}: flow {flow.name!r}: connection(s) {', '.join(absent)} not found"
+                " (ml-connector connections add ...)"
+                for path, flow in parsed
+                if (absent := [c for c in (flow.source, flow.target) if c not in known])
+            ]
+            if missing:
+                _fail("nothing applied:\n" + "\n".join(missing), 2)
+            results = await FlowStore(pool).apply_all([(f, str(p)) for p, f in parsed])
+            return [
+                f"{flow.name} v{version} {what}"
+                for (_, flow), (version, what) in zip(parsed, results, strict=True)
+            ]
 
     for line in _run(go()):
         click.echo(line)
@@ -390,9 +414,13 @@ def audit(record: str | None, failed: bool, since: str, as_json: bool) -> None:
     if not record and not failed:
         _fail("give a RECORD (system:entity:key) or --failed", 2)
 
+    after = _since(since) if failed else None
+
     async def go() -> list[dict[str, Any]]:
         async with _pool() as pool:
-            return await (failures(pool, since) if failed else lineage(pool, record or ""))
+            if after is not None:
+                return await failures(pool, after)
+            return await lineage(pool, record or "")
 
     try:
         rows = _run(go())
@@ -409,19 +437,27 @@ def audit(record: str | None, failed: bool, since: str, as_json: bool) -> None:
 # -- dead letters -------------------------------------------------------------------------------
 
 
+MAX_SINCE_S = 36_500 * 86_400.0  # a hundred years: older than any audit row or dead letter
+
+
 def _since(value: str | None) -> datetime | None:
+    """``--since`` / ``--until`` of ``audit`` and ``dlq``: a duration ago (``1h``, ``7d``; at
+    most a hundred years) or an ISO time; anything else is one line and exit status 2."""
     from shared.flows import parse_duration
 
     if not value:
         return None
     try:
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(value))
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(value, maximum=MAX_SINCE_S))
+    except ValueError as exc:
+        problem = str(exc)
+    try:
+        moment = datetime.fromisoformat(value)
     except ValueError:
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            _fail(f"--since/--until takes a duration (1h) or an ISO time, not {value!r}", 2)
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        if problem.startswith("not a duration"):
+            problem = f"not {value[:40]!r}"
+        _fail(f"--since/--until takes a duration (1h) or an ISO time: {problem}", 2)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _dlq_filters(f: Any) -> Any:

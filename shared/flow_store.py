@@ -31,43 +31,57 @@ class FlowStore:
 
     async def apply(self, flow: Flow, *, file: str | None = None) -> tuple[int, str]:
         """Store a flow; a changed definition gets the next version. Returns (version, what)."""
-        definition, digest = flow.definition(), flow.definition_hash()
+        return (await self.apply_all([(flow, file)]))[0]
+
+    async def apply_all(self, flows: list[tuple[Flow, str | None]]) -> list[tuple[int, str]]:
+        """Store several flows in one transaction: all of them or, on any error, none. Each
+        changed definition gets the next version. Returns (version, what) per flow."""
+        names = [flow.name for flow, _ in flows]
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"flow(s) {', '.join(twice)} given more than once")
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT version, definition_hash FROM flows WHERE name = $1 FOR UPDATE", flow.name
-            )
-            if row is not None and row["definition_hash"] == digest:
-                return row["version"], "unchanged"
-            version = 1 if row is None else row["version"] + 1
-            await conn.execute(
-                """INSERT INTO flows (name, version, definition, definition_hash,
-                       source_connection, target_connection, poll_interval_s, enabled, file)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                   ON CONFLICT (name) DO UPDATE SET version = $2, definition = $3,
-                       definition_hash = $4, source_connection = $5, target_connection = $6,
-                       poll_interval_s = $7, file = $9, applied_at = now()""",
-                flow.name,
-                version,
-                definition,
-                digest,
-                flow.source,
-                flow.target,
-                int(flow.poll_interval),
-                flow.enabled,
-                file,
-            )
-            await conn.execute(
-                "INSERT INTO flow_versions (name, version, definition) VALUES ($1, $2, $3)",
-                flow.name,
-                version,
-                definition,
-            )
-            await conn.execute(
-                """INSERT INTO flow_leases (flow, owner, lease_until, next_poll_at)
-                   VALUES ($1, '', now(), now())
-                   ON CONFLICT (flow) DO UPDATE SET next_poll_at = now()""",
-                flow.name,
-            )
+            return [await self._apply(conn, flow, file) for flow, file in flows]
+
+    async def _apply(
+        self, conn: asyncpg.Connection, flow: Flow, file: str | None
+    ) -> tuple[int, str]:
+        definition, digest = flow.definition(), flow.definition_hash()
+        row = await conn.fetchrow(
+            "SELECT version, definition_hash FROM flows WHERE name = $1 FOR UPDATE", flow.name
+        )
+        if row is not None and row["definition_hash"] == digest:
+            return row["version"], "unchanged"
+        version = 1 if row is None else row["version"] + 1
+        await conn.execute(
+            """INSERT INTO flows (name, version, definition, definition_hash,
+                   source_connection, target_connection, poll_interval_s, enabled, file)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+               ON CONFLICT (name) DO UPDATE SET version = $2, definition = $3,
+                   definition_hash = $4, source_connection = $5, target_connection = $6,
+                   poll_interval_s = $7, file = $9, applied_at = now()""",
+            flow.name,
+            version,
+            definition,
+            digest,
+            flow.source,
+            flow.target,
+            int(flow.poll_interval),
+            flow.enabled,
+            file,
+        )
+        await conn.execute(
+            "INSERT INTO flow_versions (name, version, definition) VALUES ($1, $2, $3)",
+            flow.name,
+            version,
+            definition,
+        )
+        await conn.execute(
+            """INSERT INTO flow_leases (flow, owner, lease_until, next_poll_at)
+               VALUES ($1, '', now(), now())
+               ON CONFLICT (flow) DO UPDATE SET next_poll_at = now()""",
+            flow.name,
+        )
         return version, "created" if row is None else "updated"
 
     async def get(self, name: str) -> StoredFlow:

@@ -3,10 +3,17 @@
 A flow file (YAML) is validated by pydantic; every error names the file, the flow and the field.
 One flow has one or more entity mappings (``customers``: ArCustomer -> Accounts, ...) that are
 polled in file order, so parents come before their children.
+
+Everything that would fail at run time is refused here, at ``flows apply``: a template names
+columns only (no attribute, index, conversion or format spec), names are API identifiers,
+durations and numbers are finite and bounded, and the YAML itself is small, flat enough, free of
+duplicate keys and of aliases (so no expansion bomb).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import re
 import string
 from functools import cached_property
@@ -15,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,20 +37,117 @@ from shared.messages import canonical_hash
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+DAY = 86400.0
+
+# A column (source) or field (target) name: what SYSPRO, Acumatica, Infor, Sage 300, Zoho and
+# Salesforce call their columns and fields (``SoldToAddr1``, ``ERP_Customer_No``,
+# ``ERP_Id__c``, Infor's ``_ItemId``). Nothing else can be named: no path, no expression.
+COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+# An entity (table, entity set, module, sObject): ``ArCustomer``, ``Sales_Orders``,
+# ``ERP_Invoice__c``.
+ENTITY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
+MAX_DAYS = 36_500  # |days| of add_days: a hundred years
+MAX_LENGTH = 1_000_000  # max_length of a field
+MAX_PLACES = 12  # decimal places of a decimal field
+MAX_FILE_BYTES = 1_000_000  # a flow file
+MAX_YAML_DEPTH = 40  # nesting of mappings and sequences in a flow file (the shipped ones: 10)
+MAX_ERRORS = 20  # problems listed per file
 
 
-def parse_duration(value: Any) -> float:
-    """Seconds from ``90``, ``"30s"``, ``"10m"``, ``"2h"``, ``"45d"``."""
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def parse_duration(value: Any, *, maximum: float | None = None) -> float:
+    """Seconds from ``90``, ``"30s"``, ``"10m"``, ``"2h"``, ``"45d"``: finite, not negative, and
+    at most ``maximum`` seconds when given."""
+    seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 10m, 2h, 45d)")
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds is None or math.isnan(seconds):
+        raise ValueError(f"not a duration: {_short(value)} (use e.g. 30s, 10m, 2h, 45d)")
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative: {_short(value)}")
+    if math.isinf(seconds) or (maximum is not None and seconds > maximum):
+        limit = f"{maximum / DAY:g}d" if maximum is not None else "a finite time"
+        raise ValueError(f"duration {_short(value)} is too long (at most {limit})")
+    return seconds
+
+
+def _bounded(low: float, high: float, *, zero: bool = False) -> Any:
+    """A duration between ``low`` and ``high`` seconds (or 0, meaning "never", when ``zero``)."""
+
+    def check(value: Any) -> float:
+        seconds = parse_duration(value, maximum=high)
+        if seconds < low and not (zero and seconds == 0):
+            allowed = f"0 or at least {low:g}s" if zero else f"at least {low:g}s"
+            raise ValueError(f"duration {_short(value)} is too short ({allowed})")
+        return seconds
+
+    return BeforeValidator(check)
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PollInterval = Annotated[float, _bounded(1, 7 * DAY)]
+Overlap = Annotated[float, _bounded(0, 366 * DAY)]
+FullEvery = Annotated[float, _bounded(1, 366 * DAY, zero=True)]
+
+
+def _name(value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not pattern.fullmatch(value):
+        raise ValueError(
+            f"{_short(value)} is not {what} (letters, digits and _"
+            f"{', not starting with a digit' if pattern is COLUMN else ', starting with a letter'})"
+        )
+    return value
+
+
+def column_name(value: str) -> str:
+    return _name(value, COLUMN, "a column or field name")
+
+
+def entity_name(value: str) -> str:
+    return _name(value, ENTITY, "an entity name")
+
+
+ColumnName = Annotated[str, AfterValidator(column_name)]
+EntityName = Annotated[str, AfterValidator(entity_name)]
+
+
+def check_template(template: str) -> str:
+    """A template may only name columns: ``"{Customer}|{Invoice}"``. An attribute, index,
+    conversion or format spec (``{Name.__class__}``, ``{Name[0]}``, ``{Name!r}``,
+    ``{Name:x>999999999}``) or a positional ``{}`` is refused; ``{{`` and ``}}`` are braces."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(
+            f"template {_short(template)}: {exc} (write {{{{ or }}}} for a brace)"
+        ) from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        placeholder = (
+            "{"
+            + name
+            + (f"!{conversion}" if conversion else "")
+            + (f":{spec}" if spec else "")
+            + "}"
+        )
+        if not COLUMN.fullmatch(name) or spec or conversion:
+            raise ValueError(
+                f"template placeholder {_short(placeholder)} is not allowed: a template can only"
+                " name columns, as in {Name} (no attribute, index, !conversion or :format)"
+            )
+    return template
+
+
+Template = Annotated[str, AfterValidator(check_template)]
 
 
 class Strict(BaseModel):
@@ -53,11 +158,11 @@ class ChangeDetection(Strict):
     """``field``: read rows whose field >= cursor - overlap; none: snapshot by content hash."""
 
     mode: Literal["column", "snapshot"] = "snapshot"
-    field: str | None = None
-    overlap: Duration = 0.0
+    field: ColumnName | None = None
+    overlap: Overlap = 0.0
     # Column mode only: also read everything this often and compare content hashes, to catch
     # changes that do not move the column (a payment on an old invoice). 0: never.
-    full_every: Duration = 0.0
+    full_every: FullEvery = 0.0
     field_type: Literal["datetime", "date", "string", "number"] = "datetime"
 
     @model_validator(mode="before")
@@ -77,41 +182,41 @@ class ChangeDetection(Strict):
 
 
 class SourceSpec(Strict):
-    entity: str
-    key: list[str] = Field(min_length=1)
+    entity: EntityName
+    key: list[ColumnName] = Field(min_length=1, max_length=10)
     change_detection: ChangeDetection = ChangeDetection()
-    select: list[str] | None = None
+    select: list[ColumnName] | None = Field(None, max_length=500)
 
 
 class TargetSpec(Strict):
-    entity: str
-    match_on: list[str] = Field(min_length=1)
+    entity: EntityName
+    match_on: list[ColumnName] = Field(min_length=1, max_length=10)
 
 
 class MatchSpec(Strict):
-    field: str
-    value: str  # template over the child's source record
+    field: ColumnName
+    value: Template  # template over the child's source record
 
 
 class FieldSpec(Strict):
     """One target field. Exactly one of from / template / value / compute / parent."""
 
-    from_: str | None = Field(None, alias="from")
-    template: str | None = None
+    from_: ColumnName | None = Field(None, alias="from")
+    template: Template | None = None
     value: Any = None
     compute: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     parent: str | None = None
-    key: str | None = None
+    key: Template | None = None  # the parent's source key, a template over the child's record
     match: MatchSpec | None = None
     lookup: str | None = None
     type: (
         Literal["string", "decimal", "integer", "date", "datetime", "boolean", "currency"] | None
     ) = None
-    places: int = 2
+    places: int = Field(2, ge=0, le=MAX_PLACES)
     default: Any = None
     required: bool = False
-    max_length: int | None = None
+    max_length: int | None = Field(None, ge=1, le=MAX_LENGTH)
     # Sent when the target record is created, never on updates (line items: Zoho appends
     # line items without ids, so resending them would duplicate the lines).
     insert_only: bool = False
@@ -149,7 +254,12 @@ class FieldSpec(Strict):
         # parsed once here, not per record.
         for name, arg in list(self.args.items()):
             if isinstance(arg, dict | str):
-                self.args[name] = FieldSpec.model_validate(arg)
+                try:
+                    self.args[name] = FieldSpec.model_validate(arg)
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    where = _loc(("args", name, *first["loc"]))
+                    raise ValueError(f"{where}: {_message(first, prefix=False)}") from None
         return self
 
 
@@ -157,7 +267,7 @@ class EntityMapping(Strict):
     name: str
     source: SourceSpec
     target: TargetSpec
-    fields: dict[str, FieldSpec]
+    fields: dict[ColumnName, FieldSpec] = Field(min_length=1)
 
     @cached_property
     def compiled(self) -> dict[Any, Any]:
@@ -206,9 +316,19 @@ class EntityMapping(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", value):
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,99}", value):
             raise ValueError("use lower case letters, digits and _")
         return value
+
+    @model_validator(mode="after")
+    def _match_fields_are_mapped(self) -> EntityMapping:
+        for name in self.target.match_on:
+            spec = self.fields.get(name)
+            if spec is None or spec.parent is not None:
+                raise ValueError(
+                    f"target.match_on: {name!r} is not one of the fields this entity maps"
+                )
+        return self
 
     def stream(self, page_size: int | None = None) -> StreamSpec:
         cd = self.source.change_detection
@@ -226,7 +346,7 @@ class Flow(Strict):
     description: str = ""
     source: str = Field(description="source connection name")
     target: str = Field(description="target connection name")
-    poll_interval: Duration = 600.0
+    poll_interval: PollInterval = 600.0
     enabled: bool = True
     lookups: dict[str, dict[str, Any]] = Field(default_factory=dict)
     entities: list[EntityMapping] = Field(min_length=1)
@@ -234,15 +354,8 @@ class Flow(Strict):
     @field_validator("name")
     @classmethod
     def _flow_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9_-]*", value):
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,99}", value):
             raise ValueError("use lower case letters, digits, - and _")
-        return value
-
-    @field_validator("poll_interval")
-    @classmethod
-    def _interval(cls, value: float) -> float:
-        if value < 1:
-            raise ValueError("poll_interval must be at least 1s")
         return value
 
     @model_validator(mode="after")
@@ -261,14 +374,59 @@ class Flow(Strict):
                         f"{where}: parent {spec.parent!r} must be an entity listed before"
                         f" {entity.name!r}"
                     )
-                if spec.compute is not None:
-                    from shared.mapping import COMPUTED
-
-                    if spec.compute not in COMPUTED:
-                        known = ", ".join(sorted(COMPUTED))
-                        raise ValueError(f"{where}: unknown compute {spec.compute!r} ({known})")
+                self._check_computed(where, spec)
             seen.add(entity.name)
         return self
+
+    def _check_computed(self, where: str, spec: FieldSpec) -> None:
+        """A compute's name and arguments, the lookups of its arguments, and the days of
+        ``add_days``: what every record would otherwise fail on."""
+        for name, arg in spec.args.items():
+            if isinstance(arg, FieldSpec):
+                if arg.lookup and arg.lookup not in self.lookups:
+                    raise ValueError(f"{where}.args.{name}: unknown lookup table {arg.lookup!r}")
+                if arg.parent is not None:
+                    raise ValueError(f"{where}.args.{name}: an argument cannot be a parent")
+                self._check_computed(f"{where}.args.{name}", arg)
+        if spec.compute is None:
+            if spec.args:
+                raise ValueError(f"{where}: 'args' are for a compute")
+            return
+        from shared.mapping import COMPUTED
+
+        function = COMPUTED.get(spec.compute)
+        if function is None:
+            known = ", ".join(sorted(COMPUTED))
+            raise ValueError(f"{where}: unknown compute {spec.compute!r} ({known})")
+        try:
+            inspect.signature(function).bind(None, **spec.args)
+        except TypeError as exc:
+            raise ValueError(f"{where}: compute {spec.compute}: {exc}") from None
+        if spec.compute == "add_days" and "days" in spec.args:
+            self._check_days(f"{where}.args.days", spec.args["days"])
+
+    def _check_days(self, where: str, days: Any) -> None:
+        constants: list[tuple[str, Any]] = [("", days)]
+        if isinstance(days, FieldSpec):
+            constants = [("value ", days.value), ("default ", days.default)]
+            if days.lookup:
+                table = days.lookup
+                constants += [
+                    (f"lookup {table}[{_short(key)}] ", value)
+                    for key, value in self.lookups[table].items()
+                ]
+        for what, value in constants:
+            if value is None or (isinstance(days, FieldSpec) and value == ""):
+                continue
+            try:
+                number = float(value) if not isinstance(value, bool) else math.nan
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number) or number != int(number) or abs(number) > MAX_DAYS:
+                raise ValueError(
+                    f"{where}: {what}{_short(value)} is not a whole number of days"
+                    f" between -{MAX_DAYS} and {MAX_DAYS}"
+                )
 
     def entity(self, name: str) -> EntityMapping:
         for entity in self.entities:
@@ -296,34 +454,113 @@ class FlowFileError(ValueError):
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        # a field name is shown as it is, however odd (its own error says what is wrong)
+        text = str(part) if COLUMN.fullmatch(str(part)) or isinstance(part, int) else _short(part)
+        out += f"[{part}]" if isinstance(part, int) else (f".{text}" if out else text)
     return out or "(top level)"
+
+
+def _message(error: Any, *, prefix: bool = True) -> str:
+    """Pydantic's message on one line (without its "Value error, " when nested in another)."""
+    message = str(error["msg"])
+    if not prefix:
+        message = message.removeprefix("Value error, ")
+    return " ".join(message.split())
 
 
 def parse_flow(data: Any, *, origin: str = "<flow>") -> Flow:
     if not isinstance(data, dict):
         raise FlowFileError(f"{origin}: a flow file must be a mapping at the top level")
-    flow_name = data.get("name", "?")
+    name = data.get("name", "?")
+    flow_name = name if isinstance(name, str) and len(name) <= 100 else "?"
     try:
         return Flow.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
         problems = [
-            f"{origin}: flow {flow_name!r}: {_loc(err['loc'])}: {err['msg']}"
-            for err in exc.errors()
+            f"{origin}: flow {flow_name!r}: {_loc(err['loc'])}: {_message(err)}"
+            for err in errors[:MAX_ERRORS]
         ]
+        if len(errors) > MAX_ERRORS:
+            problems.append(f"{origin}: flow {flow_name!r}: and {len(errors) - MAX_ERRORS} more")
         raise FlowFileError("\n".join(problems)) from None
+
+
+class _FlowLoader(yaml.SafeLoader):
+    """YAML as a flow file may use it: no aliases (a billion-laughs file expands a few lines of
+    anchors into gigabytes), no duplicate keys (silently merged otherwise), bounded nesting
+    (the composer recurses)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not allowed in a flow file: write the value out",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested more than {MAX_YAML_DEPTH} levels deep",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # unhashable: the base class says so
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {_short(key)} (first on line {first.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    where = f" line {mark.line + 1} column {mark.column + 1}:" if mark is not None else ""
+    text = f"{context}, {problem}" if context else str(problem)
+    return f"{where} not valid YAML: {' '.join(text.split())}"
 
 
 def load_flow_file(path: str | Path) -> Flow:
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise FlowFileError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise FlowFileError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes: not a flow file")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FlowFileError(f"{path}: not UTF-8 text (byte {exc.start}): not a flow file") from None
+    try:
+        data = yaml.load(text, Loader=_FlowLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise FlowFileError(f"{path}:{where}: not valid YAML: {exc}") from None
+        raise FlowFileError(f"{path}:{_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise FlowFileError(f"{path}: not valid YAML: nested too deeply") from None
     return parse_flow(data, origin=str(path))

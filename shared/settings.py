@@ -10,8 +10,10 @@ import sys
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.vault import KEY_ID, VaultError, parse_key, parse_old_keys
 
 # A fixed development key: fine for the demo and tests, refused when MLC_ENV=production.
 DEV_MASTER_KEY = "ZGV2LW9ubHktbWFzdGVyLWtleS1ub3QtZm9yLXByb2Q="
@@ -32,7 +34,9 @@ class Settings(BaseSettings):
         ["zoho_crm", "salesforce", "acumatica", "sage300"]
     )
     master_key: SecretStr = Field(SecretStr(DEV_MASTER_KEY), description="base64 32-byte key")
-    master_key_id: str = Field("k1", description="id stored beside every ciphertext")
+    master_key_id: str = Field(
+        "k1", pattern=KEY_ID.pattern, description="id stored beside every ciphertext"
+    )
     old_master_keys: SecretStr = Field(
         SecretStr(""), description="'id:base64key,...' keys still accepted for decryption"
     )
@@ -47,6 +51,12 @@ class Settings(BaseSettings):
     webhook_port: int = Field(8300, ge=0, le=65535)
     webhook_bind: str = Field("127.0.0.1", description="address the webhook server listens on")
     webhook_public_url: str = "http://127.0.0.1:8300"
+    webhook_read_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a request's headers and body must arrive within this"
+    )
+    webhook_max_requests: int = Field(
+        100, ge=1, le=10_000, description="webhook requests served at once; more get 503"
+    )
     replica: str = Field("", description="name of this replica in the audit trail")
 
     @field_validator("retry_delays_s", "writer_targets", mode="before")
@@ -68,8 +78,36 @@ class Settings(BaseSettings):
             raise ValueError("must be development or production")
         return value
 
+    @field_validator("master_key")
+    @classmethod
+    def _usable_key(cls, value: SecretStr) -> SecretStr:
+        """Checked here, so that every command says so in one line before it starts."""
+        try:
+            parse_key(value.get_secret_value())
+        except VaultError as exc:
+            raise ValueError(f"{exc} (generate one with: openssl rand -base64 32)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _usable_old_keys(self) -> Settings:
+        try:
+            old = parse_old_keys(self.old_master_keys.get_secret_value())
+        except VaultError as exc:
+            raise ValueError(str(exc)) from None
+        current = parse_key(self.master_key.get_secret_value())
+        if old.get(self.master_key_id, current) != current:
+            raise ValueError(
+                f"MLC_OLD_MASTER_KEYS holds another key under {self.master_key_id!r}, the id of"
+                " MLC_MASTER_KEY: a new master key needs a new MLC_MASTER_KEY_ID"
+            )
+        return self
+
     def check_production(self) -> None:
-        if self.env == "production" and self.master_key.get_secret_value() == DEV_MASTER_KEY:
+        """The development key is refused in production however it is written (spaces around
+        it, another base64 spelling of the same bytes): the decoded keys are compared."""
+        if self.env == "production" and parse_key(self.master_key.get_secret_value()) == parse_key(
+            DEV_MASTER_KEY
+        ):
             raise ValueError("MLC_MASTER_KEY: the development key is refused in production")
 
 
@@ -78,9 +116,14 @@ class SettingsError(SystemExit):
 
 
 def describe_error(exc: ValidationError) -> str:
+    """The first problem on one line, naming the variable; never the value (it may be a
+    secret)."""
     first = exc.errors()[0]
-    name = "MLC_" + "_".join(str(part) for part in first["loc"][:1]).upper()
-    return f"setting {name} is invalid: {first['msg']}"
+    message = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
+    if not first["loc"]:  # a check of several settings together names them itself
+        return f"settings are inconsistent: {message}"
+    name = "MLC_" + str(first["loc"][0]).upper()
+    return f"setting {name} is invalid: {message}"
 
 
 @lru_cache(maxsize=1)

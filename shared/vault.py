@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import os
+import re
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import SecretStr
 
 MAGIC = b"mlc1"
+# A key id is stored in one length byte beside every ciphertext, and listed as id:key in
+# MLC_OLD_MASTER_KEYS.
+KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class VaultError(Exception):
@@ -35,6 +39,22 @@ def parse_key(text: str, name: str = "MLC_MASTER_KEY") -> bytes:
     return key
 
 
+def parse_old_keys(text: str) -> dict[str, bytes]:
+    """``MLC_OLD_MASTER_KEYS``: ``id:base64key,...`` (empty: none)."""
+    keys: dict[str, bytes] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kid, sep, key = item.partition(":")
+        kid = kid.strip()
+        if not sep or not KEY_ID.match(kid):
+            raise VaultError(
+                "MLC_OLD_MASTER_KEYS takes id:base64key,... (ids of letters, digits, _ . -)"
+            )
+        if kid in keys:
+            raise VaultError(f"MLC_OLD_MASTER_KEYS lists key id {kid!r} twice")
+        keys[kid] = parse_key(key, f"MLC_OLD_MASTER_KEYS ({kid})")
+    return keys
+
+
 def new_master_key() -> str:
     return base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()
 
@@ -43,18 +63,21 @@ class Vault:
     def __init__(self, current_key_id: str, keys: dict[str, bytes]) -> None:
         if current_key_id not in keys:
             raise VaultError(f"master key {current_key_id!r} is not among the configured keys")
-        if any(not kid or "," in kid or ":" in kid for kid in keys):
-            raise VaultError("a key id must be non-empty and contain no ',' or ':'")
+        if any(not KEY_ID.match(kid) for kid in keys):
+            raise VaultError("a key id is 1 to 64 letters, digits, _ . or -")
         self.current_key_id = current_key_id
         self._keys = {kid: AESGCM(key) for kid, key in keys.items()}
 
     @classmethod
     def from_settings(cls, settings: Any) -> Vault:
-        keys = {settings.master_key_id: parse_key(settings.master_key.get_secret_value())}
-        old = settings.old_master_keys.get_secret_value().strip()
-        for item in filter(None, (part.strip() for part in old.split(","))):
-            kid, _, text = item.partition(":")
-            keys.setdefault(kid, parse_key(text, f"MLC_OLD_MASTER_KEYS ({kid})"))
+        current = parse_key(settings.master_key.get_secret_value())
+        keys = parse_old_keys(settings.old_master_keys.get_secret_value())
+        if keys.setdefault(settings.master_key_id, current) != current:
+            raise VaultError(
+                f"MLC_OLD_MASTER_KEYS holds another key under {settings.master_key_id!r}, the id"
+                " of MLC_MASTER_KEY: a new master key needs a new MLC_MASTER_KEY_ID"
+            )
+        keys[settings.master_key_id] = current
         return cls(settings.master_key_id, keys)
 
     def encrypt(self, plaintext: bytes, owner: str) -> bytes:
@@ -97,7 +120,10 @@ class Vault:
         return {k: SecretStr(v) for k, v in values.items()}
 
     async def rotate(self, pool: asyncpg.Pool) -> dict[str, int]:
-        """Re-encrypt every stored secret under the current key, in one transaction."""
+        """Re-encrypt every stored secret under the current key, in one transaction. Every
+        secret is decrypted first, also those under the current key id: a master key changed
+        without a new key id would otherwise be reported as rotated while nothing opens any
+        more. On any failure nothing is written."""
         counts = {"connections": 0, "token_cache": 0, "webhook_channels": 0}
         tables = (
             ("connections", "name", "secrets", "name"),
@@ -111,9 +137,21 @@ class Vault:
                     f" WHERE {column} IS NOT NULL FOR UPDATE"
                 )
                 for row in rows:
-                    if self.key_id_of(row["blob"]) == self.current_key_id:
+                    kid = self.key_id_of(row["blob"])
+                    try:
+                        plain = self.decrypt(row["blob"], row["owner"])
+                    except VaultError as exc:
+                        if kid != self.current_key_id:
+                            raise VaultError(f"nothing rotated: {exc}") from None
+                        raise VaultError(
+                            f"nothing rotated: the secret of {row['owner']!r} ({table}) is under"
+                            f" key id {kid!r} but does not open with MLC_MASTER_KEY: was the key"
+                            " changed without a new MLC_MASTER_KEY_ID? Give the new key a new"
+                            f" id and keep the old one as MLC_OLD_MASTER_KEYS={kid}:<old key>"
+                        ) from None
+                    if kid == self.current_key_id:
                         continue
-                    blob = self.encrypt(self.decrypt(row["blob"], row["owner"]), row["owner"])
+                    blob = self.encrypt(plain, row["owner"])
                     await conn.execute(
                         f"UPDATE {table} SET {column} = $1, key_id = $2 WHERE {pk} = $3",
                         blob,

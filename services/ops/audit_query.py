@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime
 from typing import Any
 
 import asyncpg
-
-from shared.flows import parse_duration
 
 # The flows that read from a system and the connections of a system: the ref names a system,
 # the links name flows and connections.
@@ -95,13 +93,14 @@ _MAPPING_STEP_COLUMNS = (
 )
 
 
-async def failures(pool: asyncpg.Pool, since: str, limit: int = 200) -> list[dict[str, Any]]:
-    window = timedelta(seconds=parse_duration(since))
+async def failures(pool: asyncpg.Pool, since: datetime, limit: int = 200) -> list[dict[str, Any]]:
+    """Failures after ``since`` (the CLI's ``--since``, parsed and bounded there), newest
+    first."""
     rows = await pool.fetch(
         """SELECT * FROM audit_events
-           WHERE error_class IS NOT NULL AND at > now() - $1::interval
+           WHERE error_class IS NOT NULL AND at > $1
            ORDER BY at DESC, id DESC LIMIT $2""",
-        window,
+        since,
         limit,
     )
     return [dict(row) for row in rows]
