@@ -137,6 +137,10 @@ async def run_demo(settings: Settings, options: DemoOptions) -> int:
         print(f"  flows applied: {', '.join(names)} (poll every {options.poll_interval_s:g} s)")
         print("  starting poller, mapper, writer and webhooks")
         started = time.monotonic()
+        # the webhook receiver on its usual port if it is free, else on any free port: a demo
+        # never fails because something else listens on 8300
+        if settings.webhook_port and not _free(settings.webhook_port):
+            settings = settings.model_copy(update={"webhook_port": 0})
         services = asyncio.create_task(run_services(settings, "all", 0, stop))
         expected = options.customers + options.invoices
 
@@ -185,6 +189,9 @@ async def run_demo(settings: Settings, options: DemoOptions) -> int:
             if quiet >= max(2, int(options.poll_interval_s * 2 / options.progress_every_s)):
                 break
         total_s = time.monotonic() - started
+        if services.done() and not services.cancelled() and services.exception() is not None:
+            print(f"  the services stopped: {services.exception()}")
+            return 1
         return await _summary(pool, box, bus, names, options, changed, backfill_s, total_s)
     finally:
         stop.set()
