@@ -6,16 +6,21 @@ and in /metrics, then registered afresh; two replicas register one channel, not 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from emulators.sandbox import Sandbox
+from services.runtime import open_context
+from services.webhooks.service import WebhookServer, subscription_loop
 from shared.audit import AuditWriter
+from shared.bus import NOTICES_QUEUE
 from shared.channels import ChannelStore, PushSource, SubscriptionLoop, push_source
 from shared.connections import ConnectionStore
 from shared.flow_store import FlowStore
@@ -255,3 +260,73 @@ async def test_a_flow_that_reads_more_modules_gets_a_channel_that_covers_them(
     assert sorted(row["events"]) == ["Accounts.all", "Contacts.all"]
     modules = {c["module"] for c in await harness.emulator_channels()}
     assert modules == {"Accounts", "Contacts"}
+
+
+async def test_a_callback_from_zoho_reaches_the_bus_and_a_wrong_token_is_refused(
+    harness: Harness, services: dict[str, str], database_url: str, bus_prefix: str
+) -> None:
+    settings = Settings(
+        amqp_url=services["amqp_url"],
+        database_url=database_url,
+        bus_prefix=bus_prefix,
+        writer_targets=["zoho_crm"],
+        rabbitmq_api_url="",
+        webhook_port=0,
+    )
+    ctx = await open_context(settings, "webhooks")
+    server = WebhookServer(ctx)
+    try:
+        port = await server.start("127.0.0.1", 0)
+        ctx.settings = settings.model_copy(
+            update={"webhook_public_url": f"http://127.0.0.1:{port}"}
+        )
+        await harness.flows.apply(zoho_flow())
+        await subscription_loop(ctx).reconcile()
+        (channel,) = await harness.emulator_channels()
+        assert channel["notify_url"] == f"http://127.0.0.1:{port}/hooks/zoho"
+        seeded = await harness.sandbox.control(
+            "zoho", "POST", "/_control/seed", {"module": "Accounts", "count": 1}
+        )
+        rid = str(seeded["ids"][0])
+        await harness.sandbox.control(
+            "zoho", "PATCH", f"/_control/records/Accounts/{rid}", {"Account_Name": "Changed"}
+        )
+        amqp = await ctx.bus.connection.channel()  # type: ignore[union-attr]
+        queue = await amqp.declare_queue(ctx.bus.topology.queue(NOTICES_QUEUE), passive=True)
+
+        async def notice() -> Any:
+            message = await queue.get(no_ack=True, fail=False)
+            return json.loads(message.body) if message is not None else None
+
+        batch = await wait_until(notice, 10, "a ChangeNotice on the bus")
+        (sent,) = batch["notices"]
+        assert (sent["connection"], sent["system"], sent["entity"]) == (
+            "zoho",
+            "zoho_crm",
+            "Accounts",
+        )
+        assert rid in sent["ids"]
+        await amqp.close()
+
+        forged = {
+            "module": "Accounts",
+            "ids": [rid],
+            "operation": "update",
+            "channel_id": channel["channel_id"],
+            "token": "not-the-token-" + "x" * 30,
+        }
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://127.0.0.1:{port}/hooks/zoho", json=forged) as response,
+        ):
+            assert response.status == 401
+            assert await response.json() == {"error": "token mismatch"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://127.0.0.1:{port}/hooks/nobody", json=forged) as response,
+        ):
+            assert response.status == 404
+    finally:
+        await server.stop()
+        await ctx.bus.delete_topology()
+        await ctx.close()
