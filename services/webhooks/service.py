@@ -16,6 +16,7 @@ and the connection is closed), JSON nested at most ``MAX_DEPTH`` deep (400), and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 MAX_DEPTH = 64  # a Zoho callback is 2 deep
+LOOP_STOP_S = 5.0  # how long a stopping service waits for the subscription loop
 LINGER_S = 1.0  # after refusing a body it did not read, the server reads on this long at most
 
 _OPENERS = frozenset(b"[{")
@@ -263,5 +265,8 @@ async def run(
     try:
         await stop.wait()
     finally:
-        await loop
+        # the loop stops between rounds; one stuck in a slow call is cut off (a channel it was
+        # registering then expires unused: callbacks on it are refused as unknown)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(loop, timeout=LOOP_STOP_S)
         await server.stop()

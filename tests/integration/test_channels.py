@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from emulators.sandbox import Sandbox
 from services.runtime import open_context
-from services.webhooks.service import WebhookServer, subscription_loop
+from services.webhooks.service import WebhookServer, run
 from shared.audit import AuditWriter
 from shared.bus import NOTICES_QUEUE
 from shared.channels import ChannelStore, PushSource, SubscriptionLoop, push_source
@@ -275,14 +275,16 @@ async def test_a_callback_from_zoho_reaches_the_bus_and_a_wrong_token_is_refused
     )
     ctx = await open_context(settings, "webhooks")
     server = WebhookServer(ctx)
+    stop = asyncio.Event()
+    service: asyncio.Task[None] | None = None
     try:
         port = await server.start("127.0.0.1", 0)
         ctx.settings = settings.model_copy(
-            update={"webhook_public_url": f"http://127.0.0.1:{port}"}
+            update={"webhook_public_url": f"http://127.0.0.1:{port}", "channel_check_s": 0.2}
         )
         await harness.flows.apply(zoho_flow())
-        await subscription_loop(ctx).reconcile()
-        (channel,) = await harness.emulator_channels()
+        service = asyncio.create_task(run(ctx, stop, server))  # the service runs the loop
+        (channel,) = await wait_until(harness.emulator_channels, 10, "a channel on the emulator")
         assert channel["notify_url"] == f"http://127.0.0.1:{port}/hooks/zoho"
         seeded = await harness.sandbox.control(
             "zoho", "POST", "/_control/seed", {"module": "Accounts", "count": 1}
@@ -327,6 +329,9 @@ async def test_a_callback_from_zoho_reaches_the_bus_and_a_wrong_token_is_refused
         ):
             assert response.status == 404
     finally:
+        stop.set()
+        if service is not None:
+            await service
         await server.stop()
         await ctx.bus.delete_topology()
         await ctx.close()
