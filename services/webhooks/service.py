@@ -234,7 +234,10 @@ def subscription_loop(ctx: ServiceContext) -> SubscriptionLoop:
     """The loop that keeps every push connection's channel registered (see shared.channels)."""
 
     async def opener(connection: str) -> PushSource | None:
-        system = await ctx.system_of(connection)
+        try:
+            system = await ctx.system_of(connection)
+        except ConnectionConfigError:
+            return None  # the connection was removed: forget its channels (they lapse unused)
         if not can_push(system):
             return None
         return push_source(system, await ctx.connector(connection))
