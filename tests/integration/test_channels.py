@@ -17,7 +17,7 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from emulators.sandbox import Sandbox
-from services.runtime import open_context
+from services.runtime import ServiceContext, open_context
 from services.webhooks.service import WebhookServer, run
 from shared.audit import AuditWriter
 from shared.bus import NOTICES_QUEUE
@@ -335,3 +335,70 @@ async def test_a_callback_from_zoho_reaches_the_bus_and_a_wrong_token_is_refused
         await server.stop()
         await ctx.bus.delete_topology()
         await ctx.close()
+
+
+class RecordingBus:
+    """Stands in for the broker (the test above goes through the real one)."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, Any]] = []
+
+    async def publish(self, exchange: str, routing_key: str, message: Any) -> None:
+        self.published.append((exchange, routing_key, message))
+
+
+async def test_hooks_route_a_callback_to_the_connection_push_source(harness: Harness) -> None:
+    """/hooks/{connection}: Zoho's callback (sent by the emulator to the registered notify URL)
+    becomes a ChangeNotice; a forged token is 401, a connection that cannot push is 404."""
+    bus = RecordingBus()
+    ctx = ServiceContext(
+        settings=Settings(webhook_port=0, channel_check_s=0.2),
+        pool=harness.pool,
+        bus=bus,  # type: ignore[arg-type]
+        audit=harness.audit,
+        vault=harness.vault,
+        connections=harness.connections,
+        flows=harness.flows,
+        actor="webhooks@test",
+    )
+    await harness.connections.add("erp", "syspro", *harness.sandbox.syspro_connection())
+    server = WebhookServer(ctx)
+    port = await server.start("127.0.0.1", 0)
+    ctx.settings = ctx.settings.model_copy(
+        update={"webhook_public_url": f"http://127.0.0.1:{port}"}
+    )
+    stop = asyncio.Event()
+    await harness.flows.apply(zoho_flow())
+    service = asyncio.create_task(run(ctx, stop, server))
+    try:
+        (channel,) = await wait_until(harness.emulator_channels, 10, "a channel on the emulator")
+        seeded = await harness.sandbox.control(
+            "zoho", "POST", "/_control/seed", {"module": "Accounts", "count": 1}
+        )
+        rid = str(seeded["ids"][0])
+        await harness.sandbox.control(
+            "zoho", "PATCH", f"/_control/records/Accounts/{rid}", {"Account_Name": "Changed"}
+        )
+
+        async def published() -> Any:
+            return bus.published
+
+        ((exchange, key, batch),) = await wait_until(published, 10, "a notice published")
+        assert (exchange, key) == ("notices", "zoho_crm.Accounts")
+        (notice,) = batch.notices
+        assert (notice.connection, notice.entity, notice.ids) == ("zoho", "Accounts", [rid])
+
+        forged = {
+            "module": "Accounts",
+            "ids": [rid],
+            "channel_id": channel["channel_id"],
+            "token": "x" * 40,
+        }
+        async with aiohttp.ClientSession() as http:
+            for path, status in (("/hooks/zoho", 401), ("/hooks/erp", 404), ("/hooks/none", 404)):
+                async with http.post(f"http://127.0.0.1:{port}{path}", json=forged) as response:
+                    assert response.status == status, path
+        assert len(bus.published) == 1
+    finally:
+        stop.set()
+        await service
