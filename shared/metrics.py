@@ -44,3 +44,22 @@ SOURCE_VALUES_CLEANED = Counter(
     "Source records whose values held NUL characters or invalid Unicode, cleaned before publishing",
     ["flow", "entity"],
 )
+CHANNEL_RENEWALS = Counter(
+    "mlc_channel_renewals_total",
+    "Notification channel operations by connection and outcome"
+    " (subscribed, renewed, removed, failed)",
+    ["connection", "outcome"],
+)
+CHANNEL_EXPIRY = Gauge(
+    "mlc_channel_expiry_seconds",
+    "When each registered notification channel expires (Unix time)",
+    ["connection", "channel"],
+)
+
+
+def forget_channel(connection: str, channel: str) -> None:
+    """Drop a removed channel's expiry gauge (it never existed: nothing to drop)."""
+    try:
+        CHANNEL_EXPIRY.remove(connection, channel)
+    except KeyError:
+        pass

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     webhook_max_requests: int = Field(
         100, ge=1, le=10_000, description="webhook requests served at once; more get 503"
     )
+    channel_lifetime_s: float = Field(
+        86400.0, ge=2, le=7 * 86400, description="life asked for each notification channel"
+    )
+    channel_check_s: float = Field(
+        60.0, gt=0, le=3600, description="how often the webhooks service checks its channels"
+    )
     replica: str = Field("", description="name of this replica in the audit trail")
 
     @field_validator("retry_delays_s", "writer_targets", mode="before")

@@ -1,9 +1,11 @@
-"""The webhook receiver: verifies each notification, answers fast, publishes a ChangeNotice.
+"""The webhook receiver: verifies each notification, answers fast, publishes ChangeNotices.
 
-Zoho CRM echoes the channel's verification token in every callback (there is no signature), so
-a callback is accepted only when its ``channel_id`` is one we registered, its ``token`` matches
-the one stored (encrypted) for that channel, and the channel has not expired. Payloads carry ids
-only; the poller fetches the records. Polling keeps running as the safety net.
+``POST /hooks/{connection}`` goes to that connection's push source (``shared.channels``): the
+connector says how a call is verified and which records it names (Zoho: the channel's token,
+compared with the one stored encrypted, and the channel's expiry; see
+``shared.connectors.zoho_watch``). Payloads carry ids only; the poller fetches the records.
+The service also runs the subscription loop that registers, renews and removes the channels.
+Polling keeps running as the safety net.
 
 What a caller can send is bounded before anything is decoded: ``application/json`` only (415),
 at most ``MAX_BODY`` bytes (413), headers and body within ``MLC_WEBHOOK_READ_TIMEOUT_S`` (408,
@@ -14,7 +16,7 @@ and the connection is closed), JSON nested at most ``MAX_DEPTH`` deep (400), and
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import json
 import logging
 import os
@@ -22,17 +24,27 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.runtime import ServiceContext
 from shared.bus import UnroutableError
-from shared.messages import ChangeNotice, NoticeBatch
-from shared.vault import VaultError
+from shared.channels import (
+    ChannelStore,
+    NotificationRefused,
+    PushRequest,
+    PushSource,
+    SubscriptionLoop,
+    can_push,
+    push_source,
+)
+from shared.connections import ConnectionConfigError
+from shared.failures import PermanentError, describe
+from shared.messages import NoticeBatch
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 MAX_DEPTH = 64  # a Zoho callback is 2 deep
+LOOP_STOP_S = 5.0  # how long a stopping service waits for the subscription loop
 LINGER_S = 1.0  # after refusing a body it did not read, the server reads on this long at most
 
 _OPENERS = frozenset(b"[{")
@@ -70,16 +82,6 @@ class WebhookStartError(RuntimeError):
     """The receiver could not listen; the message is one line naming address and port."""
 
 
-class ZohoCallback(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    channel_id: str | int
-    token: str = Field(max_length=256)
-    module: str = Field(pattern=r"^[A-Za-z0-9_]+$", max_length=100)
-    ids: list[str] = Field(min_length=1, max_length=1000)
-    operation: str = "update"
-    server_time: int | None = None
-
-
 def _refuse(status: int, error: str, *, close: bool = False) -> web.Response:
     response = web.json_response({"error": error}, status=status)
     if close:
@@ -100,10 +102,13 @@ class WebhookServer:
         self.in_flight = 0
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self.channels = ChannelStore(ctx.pool, ctx.vault)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._limit])
-        app.router.add_post("/webhooks/zoho/{connection}", self.zoho)
+        app.router.add_post("/hooks/{connection}", self.hook)
+        # the address of releases before /hooks: channels registered then still call it
+        app.router.add_post("/webhooks/zoho/{connection}", self.hook)
         app.router.add_get("/healthz", self.healthz)
         return app
 
@@ -175,53 +180,79 @@ class WebhookServer:
         except (ValueError, RecursionError):
             return _refuse(400, "invalid notification: not JSON")
 
-    async def zoho(self, request: web.Request) -> web.Response:
+    async def _push_source(self, connection: str) -> tuple[str, PushSource] | web.Response:
+        """The connection's system and push side, or the response refusing the call."""
+        try:
+            system = await self.ctx.system_of(connection)
+        except ConnectionConfigError:
+            return _refuse(404, f"no connection named {connection!r}")
+        try:
+            source = push_source(system, await self.ctx.connector(connection))
+        except Exception as exc:
+            log.error("webhooks: connection %s cannot be opened: %s", connection, describe(exc))
+            return _refuse(500, f"connection {connection!r} cannot be opened")
+        if source is None:
+            return _refuse(404, f"connection {connection!r} ({system}) takes no notifications")
+        return system, source
+
+    async def hook(self, request: web.Request) -> web.Response:
+        """``/hooks/{connection}``: the connection's connector verifies the call and says
+        which records changed; the notices go to the bus."""
         connection = request.match_info["connection"]
         payload = await self._json_body(request)
         if isinstance(payload, web.Response):
             self.rejected += 1
             return payload
+        found = await self._push_source(connection)
+        if isinstance(found, web.Response):
+            self.rejected += 1
+            return found
+        system, source = found
+        push = PushRequest(connection, system, request.headers, payload)
         try:
-            callback = ZohoCallback.model_validate(payload)
-        except ValidationError as exc:
+            notices = await source.verify(push, self.channels)
+        except NotificationRefused as exc:
             self.rejected += 1
-            return _refuse(400, f"invalid notification: {exc.errors()[0]['msg']}")
-        row = await self.ctx.pool.fetchrow(
-            "SELECT connection, token, expires_at > now() AS live FROM webhook_channels"
-            " WHERE channel_id = $1",
-            str(callback.channel_id),
-        )
-        if row is None or row["connection"] != connection:
+            if exc.status == 410:
+                log.warning("notification on an expired channel of %s refused", connection)
+            return _refuse(exc.status or 400, exc.message)
+        except PermanentError as exc:
             self.rejected += 1
-            return _refuse(401, "unknown channel")
+            return _refuse(400, f"invalid notification: {exc.message}")
         try:
-            expected = self.ctx.vault.decrypt(row["token"], connection).decode()
-        except VaultError:
-            log.error("stored token of channel %s cannot be decrypted", callback.channel_id)
-            return _refuse(500, "channel token unreadable")
-        if not hmac.compare_digest(expected.encode(), callback.token.encode()):
-            self.rejected += 1
-            return _refuse(401, "token mismatch")
-        if not row["live"]:
-            self.rejected += 1
-            log.warning("notification on expired channel %s refused", callback.channel_id)
-            return _refuse(410, "channel expired")
-        system = await self.ctx.system_of(connection)
-        notice = ChangeNotice(
-            connection=connection,
-            system=system,
-            entity=callback.module,
-            ids=callback.ids,
-            operation=callback.operation,
-        )
-        try:
-            await self.ctx.bus.publish(
-                "notices", f"{system}.{callback.module}", NoticeBatch(notices=[notice])
-            )
+            for notice in notices:
+                await self.ctx.bus.publish(
+                    "notices", f"{system}.{notice.entity}", NoticeBatch(notices=[notice])
+                )
         except UnroutableError:
             return _refuse(503, "no consumer for notices")
         self.received += 1
-        return web.json_response({"accepted": len(callback.ids)})
+        return web.json_response({"accepted": sum(len(n.ids) for n in notices)})
+
+
+def subscription_loop(ctx: ServiceContext) -> SubscriptionLoop:
+    """The loop that keeps every push connection's channel registered (see shared.channels)."""
+
+    async def opener(connection: str) -> PushSource | None:
+        try:
+            system = await ctx.system_of(connection)
+        except ConnectionConfigError:
+            return None  # the connection was removed: forget its channels (they lapse unused)
+        if not can_push(system):
+            return None
+        return push_source(system, await ctx.connector(connection))
+
+    settings = ctx.settings
+    return SubscriptionLoop(
+        ctx.pool,
+        ChannelStore(ctx.pool, ctx.vault),
+        ctx.audit,
+        opener,
+        public_url=settings.webhook_public_url,
+        lifetime_s=settings.channel_lifetime_s,
+        check_s=settings.channel_check_s,
+        actor=ctx.actor,
+    )
 
 
 async def run(
@@ -233,7 +264,12 @@ async def run(
     if server is None:
         server = WebhookServer(ctx)
         await server.start()
+    loop = asyncio.create_task(subscription_loop(ctx).run(stop), name="channels")
     try:
         await stop.wait()
     finally:
+        # the loop stops between rounds; one stuck in a slow call is cut off (a channel it was
+        # registering then expires unused: callbacks on it are refused as unknown)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(loop, timeout=LOOP_STOP_S)
         await server.stop()
