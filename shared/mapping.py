@@ -11,6 +11,7 @@ import math
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -491,6 +492,7 @@ class _Plan:
     insert_only: list[str]
     transformations: dict[int, str]  # per flow version: "flow/entity@vN"
     lines_field: str | None = None  # the field whose value is the record's line items
+    owned_elsewhere: list[str] = dataclass_field(default_factory=list)  # the other side owns
 
 
 def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
@@ -527,6 +529,9 @@ def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
         lines_field=next(
             (name for name, spec in entity.fields.items() if spec.compute == "line_item"), None
         ),
+        owned_elsewhere=[
+            name for name in entity.fields if flow.ownership and name in flow.ownership.target_owns
+        ],
     )
 
 
@@ -667,6 +672,7 @@ def map_event(
             "lines": lines,
             "lines_field": plan.lines_field,
             "insert_only": plan.insert_only,
+            "owned_elsewhere": plan.owned_elsewhere,
             "source_connection": event.source_connection,
             "payload_hash": UpsertCommand.hash_of(payload, parents, lines),
         },

@@ -194,6 +194,8 @@ class UpsertCommand(Message):
     # the mapped field the lines came from (its insert_only rule applies to them)
     lines_field: str | None = None
     insert_only: list[str] = Field(default_factory=list)
+    # fields the other side of a two-way pair owns: sent on create, held back on update
+    owned_elsewhere: list[str] = Field(default_factory=list)
     # the flow's source connection: one identity per record between two connections. Empty on
     # commands mapped before it was carried: the writer looks it up from the flow, once.
     source_connection: str = ""
@@ -219,6 +221,7 @@ class UpsertCommand(Message):
         values.setdefault("parents", [])
         values.setdefault("insert_only", [])
         values.setdefault("lines", [])
+        values.setdefault("owned_elsewhere", [])
         values.setdefault("lines_field", None)
         values.setdefault("source_connection", "")
         values.setdefault(

@@ -32,7 +32,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from services.runtime import ServiceContext
 from shared import db, metrics
-from shared.audit import outcome_row
+from shared.audit import COLUMNS, outcome_row
 from shared.bus import RecordFailure, WorkQueue, writer_queue
 from shared.connectors.base import Sink, SinkRecord, WriteOutcome
 from shared.failures import (
@@ -48,6 +48,7 @@ from shared.failures import (
 from shared.messages import CommandBatch, ParentRef, UpsertCommand, encode, subset_body, utcnow
 
 log = logging.getLogger(__name__)
+_DETAILS = COLUMNS.index("details")
 
 
 @dataclass(slots=True)
@@ -85,6 +86,7 @@ class Pending:
     message_id: str | None = None
     exists: bool = False  # the target record exists already (insert-only fields are dropped)
     linked: bool = False  # record_links has a row for it
+    held_back: list[str] | None = None  # fields the other side owns, not sent (an update)
 
     @property
     def settled(self) -> bool:
@@ -369,6 +371,14 @@ class Batcher:
                     payload.pop(name, None)
                 if command.lines_field in command.insert_only:
                     lines = []
+                if command.owned_elsewhere:
+                    # field ownership: what the other side owns is never written to an
+                    # existing record (the audit row lists what was held back)
+                    item.held_back = [n for n in command.owned_elsewhere if n in payload]
+                    for name in item.held_back:
+                        payload.pop(name)
+                    if command.lines_field in command.owned_elsewhere:
+                        lines = []
             missing = waiting = None
             filled: list[ParentRef] = []
             for ref in command.parents:
@@ -434,30 +444,31 @@ class Batcher:
                 else "skipped"
             )
             counts[(c.flow, stage)] += 1
-            rows.append(
-                outcome_row(
-                    at=now,
-                    actor=actor,
-                    stage=stage,
-                    status=outcome.status,
-                    flow=c.flow,
-                    direction=f"{c.source_system}->{c.target_system}",
-                    source_ref=c.source_ref,
-                    target_ref=f"{c.target_system}:{c.target_entity}:{outcome.target_id}"
-                    if outcome.target_id
-                    else None,
-                    event_id=c.event_id,
-                    command_id=c.command_id,
-                    message_id=pending.message_id,
-                    error_class=str(outcome.failure) if outcome.failure else None,
-                    error=outcome.error,
-                    transformation=c.transformation,
-                    source_version=c.source_version,
-                    flow_version=c.flow_version,
-                    mapped_at=pending.ticket.mapped_at,
-                    mapped_by=pending.ticket.mapped_by,
-                )
+            row = outcome_row(
+                at=now,
+                actor=actor,
+                stage=stage,
+                status=outcome.status,
+                flow=c.flow,
+                direction=f"{c.source_system}->{c.target_system}",
+                source_ref=c.source_ref,
+                target_ref=f"{c.target_system}:{c.target_entity}:{outcome.target_id}"
+                if outcome.target_id
+                else None,
+                event_id=c.event_id,
+                command_id=c.command_id,
+                message_id=pending.message_id,
+                error_class=str(outcome.failure) if outcome.failure else None,
+                error=outcome.error,
+                transformation=c.transformation,
+                source_version=c.source_version,
+                flow_version=c.flow_version,
+                mapped_at=pending.ticket.mapped_at,
+                mapped_by=pending.ticket.mapped_by,
             )
+            if pending.held_back and stage == "written":
+                row = (*row[:_DETAILS], {"held_back": pending.held_back}, *row[_DETAILS + 1 :])
+            rows.append(row)
         if rows:
             await self.ctx.audit.write_rows(rows)
         for (flow, stage), n in counts.items():
