@@ -341,6 +341,15 @@ class EntityMapping(Strict):
         )
 
 
+class Ownership(Strict):
+    """Field ownership in a pair of flows (one each way between two connections):
+    ``target_owns`` names the fields of this flow's target that the other side of the pair
+    owns. Such a field is sent when the target record is created (the target may require it)
+    and never to an existing record."""
+
+    target_owns: list[str] = Field(default_factory=list)
+
+
 class Flow(Strict):
     name: str
     description: str = ""
@@ -350,6 +359,7 @@ class Flow(Strict):
     enabled: bool = True
     lookups: dict[str, dict[str, Any]] = Field(default_factory=dict)
     entities: list[EntityMapping] = Field(min_length=1)
+    ownership: Ownership | None = None
 
     @field_validator("name")
     @classmethod

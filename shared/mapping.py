@@ -11,6 +11,7 @@ import math
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -22,6 +23,7 @@ from shared.keys import SEPARATOR, encode_key
 from shared.messages import (
     SCHEMA_VERSION,
     ChangeEvent,
+    LineItem,
     ParentRef,
     UpsertCommand,
     canonical_json,
@@ -275,18 +277,35 @@ def _line_item(
     list_price: Any,
     quantity: Any = 1,
     description: Any = None,
-) -> list[dict[str, Any]]:
-    """One inventory line (Zoho Invoiced_Items / Ordered_Items shape)."""
+    product_entity: Any = "Products",
+) -> list[LineItem]:
+    """One line, target-neutral (``LineItem``): the sink renders it into its line field (Zoho
+    ``Invoiced_Items`` / ``Ordered_Items`` rows). ``product_id`` is the product's target id,
+    ready (a lookup table's constant)."""
     if product_id in (None, ""):
         raise ValueError("product_id is empty")
-    line: dict[str, Any] = {
-        "Product_Name": {"id": str(product_id)},
-        "Quantity": float(Decimal(str(quantity or 1))),
-        "List_Price": to_decimal(list_price or 0, 2),
-    }
-    if description not in (None, ""):
-        line["Description"] = str(description)
-    return [line]
+    product = construct(
+        ParentRef,
+        {
+            "field": "product",
+            "flow": ctx.flow.name,
+            "source_entity": "",
+            "source_key": str(product_id),
+            "target_entity": str(product_entity),
+            "match_field": None,
+            "match_value": None,
+            "target_id": str(product_id),
+            "shape": None,
+        },
+    )
+    return [
+        LineItem(
+            product=product,
+            quantity=float(Decimal(str(quantity or 1))),
+            unit_price=to_decimal(list_price or 0, 2),
+            description=None if description in (None, "") else str(description),
+        )
+    ]
 
 
 def _source_key(ctx: _Context) -> str:
@@ -472,6 +491,8 @@ class _Plan:
     target_entity: str
     insert_only: list[str]
     transformations: dict[int, str]  # per flow version: "flow/entity@vN"
+    lines_field: str | None = None  # the field whose value is the record's line items
+    owned_elsewhere: list[str] = dataclass_field(default_factory=list)  # the other side owns
 
 
 def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
@@ -505,6 +526,12 @@ def _compile(flow: Flow, entity: EntityMapping) -> _Plan:
         target_entity=entity.target.entity,
         insert_only=[name for name, spec in entity.fields.items() if spec.insert_only],
         transformations={},
+        lines_field=next(
+            (name for name, spec in entity.fields.items() if spec.compute == "line_item"), None
+        ),
+        owned_elsewhere=[
+            name for name in entity.fields if flow.ownership and name in flow.ownership.target_owns
+        ],
     )
 
 
@@ -580,7 +607,8 @@ def _map_with(
                     "target_entity": ref.target_entity,
                     "match_field": ref.match_field,
                     "match_value": match_value,
-                    "shape": "id_object",
+                    "target_id": None,
+                    "shape": None,
                 },
             )
         )
@@ -613,6 +641,9 @@ def map_event(
         event.key,
         case_sensitive_keys,
     )
+    lines: list[LineItem] = []
+    if plan.lines_field is not None:
+        lines = payload.pop(plan.lines_field, None) or []
     transformation = plan.transformations.get(flow_version)
     if transformation is None:
         transformation = f"{flow.name}/{entity.name}@v{flow_version}"
@@ -638,7 +669,11 @@ def map_event(
             "match_on": plan.match_on,
             "payload": payload,
             "parents": parents,
+            "lines": lines,
+            "lines_field": plan.lines_field,
             "insert_only": plan.insert_only,
-            "payload_hash": UpsertCommand.hash_of(payload, parents),
+            "owned_elsewhere": plan.owned_elsewhere,
+            "source_connection": event.source_connection,
+            "payload_hash": UpsertCommand.hash_of(payload, parents, lines),
         },
     )

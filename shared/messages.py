@@ -140,7 +140,11 @@ class ChangeNotice(Message):
 
 
 class ParentRef(BaseModel):
-    """A lookup the writer fills in: the target id of a parent record written by a flow."""
+    """A child's link to its parent, target-neutral: the parent's identity on the source side
+    (``flow``, ``source_entity``, ``source_key``), the target field it fills, and the parent's
+    target id once known (filled by the writer, or ready from the mapping). Each sink renders
+    it its own way (Zoho ``{"id": ...}``, Salesforce a relationship by external id, an ERP its
+    key field)."""
 
     model_config = ConfigDict(extra="forbid")
     field: str
@@ -148,9 +152,23 @@ class ParentRef(BaseModel):
     source_entity: str
     source_key: str
     target_entity: str
-    match_field: str | None = None
+    match_field: str | None = None  # the target field holding the parent's key
     match_value: str | None = None
-    shape: Literal["id_object", "id"] = "id_object"
+    target_id: str | None = None
+    # accepted from messages written before references were neutral, and ignored
+    shape: Literal["id_object", "id"] | None = Field(default=None, exclude=True)
+
+
+class LineItem(BaseModel):
+    """One line of a record with lines (an invoice, an order), target-neutral: the sink
+    renders it into its own line field (Zoho ``Invoiced_Items`` rows, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    product: ParentRef | None = None
+    quantity: float = 1
+    unit_price: float | None = None
+    description: str | None = None
+    fields: dict[str, Any] = Field(default_factory=dict)  # extra target fields of the line
 
 
 class UpsertCommand(Message):
@@ -172,15 +190,28 @@ class UpsertCommand(Message):
     match_on: list[str]
     payload: dict[str, Any]
     parents: list[ParentRef] = Field(default_factory=list)
+    lines: list[LineItem] = Field(default_factory=list)
+    # the mapped field the lines came from (its insert_only rule applies to them)
+    lines_field: str | None = None
     insert_only: list[str] = Field(default_factory=list)
+    # fields the other side of a two-way pair owns: sent on create, held back on update
+    owned_elsewhere: list[str] = Field(default_factory=list)
+    # the flow's source connection: one identity per record between two connections. Empty on
+    # commands mapped before it was carried: the writer looks it up from the flow, once.
+    source_connection: str = ""
     # set by ``build`` (the mapper); required on the wire, so that decoding a command runs no
     # Python per command (a post-init hook cost the writer a fifth of its decoding)
     payload_hash: str = Field(min_length=1)
 
     @staticmethod
-    def hash_of(payload: dict[str, Any], parents: list[ParentRef]) -> str:
+    def hash_of(
+        payload: dict[str, Any], parents: list[ParentRef], lines: list[LineItem] | None = None
+    ) -> str:
         refs = [(p.field, p.flow, p.source_entity, p.source_key) for p in parents]
-        return content_hash({"payload": payload, "parents": refs})
+        if not lines:  # the hash of a command without lines is what it was before lines
+            return content_hash({"payload": payload, "parents": refs})
+        rows = [line.model_dump(mode="json", exclude_defaults=True) for line in lines]
+        return content_hash({"payload": payload, "parents": refs, "lines": rows})
 
     @classmethod
     def build(cls, **values: Any) -> UpsertCommand:
@@ -189,7 +220,13 @@ class UpsertCommand(Message):
         values.setdefault("schema_version", SCHEMA_VERSION)
         values.setdefault("parents", [])
         values.setdefault("insert_only", [])
-        values.setdefault("payload_hash", cls.hash_of(values["payload"], values["parents"]))
+        values.setdefault("lines", [])
+        values.setdefault("owned_elsewhere", [])
+        values.setdefault("lines_field", None)
+        values.setdefault("source_connection", "")
+        values.setdefault(
+            "payload_hash", cls.hash_of(values["payload"], values["parents"], values["lines"])
+        )
         return construct(cls, values)
 
     @property

@@ -32,13 +32,14 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from services.runtime import ServiceContext
 from shared import db, metrics
-from shared.audit import outcome_row
+from shared.audit import COLUMNS, outcome_row
 from shared.bus import RecordFailure, WorkQueue, writer_queue
-from shared.connectors.base import Sink, WriteOutcome
+from shared.connectors.base import Sink, SinkRecord, WriteOutcome
 from shared.failures import (
     ConnectorError,
     FailureClass,
     ParentNotWrittenError,
+    PermanentError,
     classify,
     describe,
     exception_name,
@@ -47,6 +48,7 @@ from shared.failures import (
 from shared.messages import CommandBatch, ParentRef, UpsertCommand, encode, subset_body, utcnow
 
 log = logging.getLogger(__name__)
+_DETAILS = COLUMNS.index("details")
 
 
 @dataclass(slots=True)
@@ -84,6 +86,7 @@ class Pending:
     message_id: str | None = None
     exists: bool = False  # the target record exists already (insert-only fields are dropped)
     linked: bool = False  # record_links has a row for it
+    held_back: list[str] | None = None  # fields the other side owns, not sent (an update)
 
     @property
     def settled(self) -> bool:
@@ -309,13 +312,16 @@ class Batcher:
         if not to_write:
             return results
         sink = await self.ctx.connector(connection)
-        assert isinstance(sink, Sink), f"connection {connection} cannot be a target"
+        if not callable(getattr(sink, "upsert", None)):
+            raise PermanentError(f"connection {connection!r} cannot be a target (it cannot write)")
         payloads, ready = await self._with_parents(
             sink, to_write, parents, links, results, deferred
         )
         if not ready:
             return results
-        outcomes = await sink.upsert(entity, payloads, list(match_on))
+        outcomes = await _upsert(
+            sink, entity, payloads, list(match_on), [p.command.lines_field for p in ready]
+        )
         self.api_batches += 1
         if len(outcomes) != len(ready):
             raise RuntimeError(f"sink returned {len(outcomes)} outcomes for {len(ready)} records")
@@ -343,60 +349,86 @@ class Batcher:
         links: dict[tuple[str, str, str], asyncpg.Record],
         results: list[tuple[Pending, Outcome]],
         deferred: list[Pending],
-    ) -> tuple[list[dict[str, Any]], list[Pending]]:
-        """Fill each parent lookup with the parent's target id: from ``record_links``, else
-        from the target (a parent created outside this flow). A parent that this writer is
-        about to write makes the child wait for the next flush; one that nobody wrote fails
-        the child as transient (retried later)."""
+    ) -> tuple[list[SinkRecord], list[Pending]]:
+        """Each record as the sink takes it, its parent references with the parents' target
+        ids: from the identity links, else from the target (a parent created outside this
+        flow), with ONE ``find_ids`` call per (entity, match field) for all the flush's
+        parents; only when the sink renders references as target ids. A parent that this
+        writer is about to write makes the child wait for the next flush; one that nobody
+        wrote fails the child as transient (retried later)."""
         ids = {r: links[r]["target_id"] for r in refs if r in links and links[r]["target_id"]}
-        lookups = [
-            (record, ref)
-            for record, ref in refs.items()
-            if record not in ids and record not in self._known and ref.match_field
-        ]
-        if lookups:
-            found = await asyncio.gather(
-                *(
-                    sink.find_id(
-                        ref.target_entity, ref.match_field or "", ref.match_value or ref.source_key
-                    )
-                    for _, ref in lookups
-                )
-            )
-            ids.update(
-                {record: tid for (record, _), tid in zip(lookups, found, strict=True) if tid}
-            )
-        payloads: list[dict[str, Any]] = []
+        need_ids = getattr(sink, "refs_need_ids", True)
+        if need_ids:
+            ids.update(await self._find_parents(sink, refs, ids))
+        records: list[SinkRecord] = []
         ready: list[Pending] = []
         for item in pending:
-            payload = dict(item.command.payload)
+            command = item.command
+            payload = dict(command.payload)
+            lines = command.lines
             if item.exists:
-                for name in item.command.insert_only:
+                for name in command.insert_only:
                     payload.pop(name, None)
+                if command.lines_field in command.insert_only:
+                    lines = []
+                if command.owned_elsewhere:
+                    # field ownership: what the other side owns is never written to an
+                    # existing record (the audit row lists what was held back)
+                    item.held_back = [n for n in command.owned_elsewhere if n in payload]
+                    for name in item.held_back:
+                        payload.pop(name)
+                    if command.lines_field in command.owned_elsewhere:
+                        lines = []
             missing = waiting = None
-            for ref in item.command.parents:
+            filled: list[ParentRef] = []
+            for ref in command.parents:
                 record = (ref.flow, ref.source_entity, ref.source_key)
                 target_id = ids.get(record)
-                if target_id is None:
+                if target_id is None and need_ids:
                     if record in self._known:
                         waiting = ref
                     else:
                         missing = ref
                     break
-                payload[ref.field] = {"id": target_id} if ref.shape == "id_object" else target_id
+                filled.append(ref.model_copy(update={"target_id": target_id}))
             if waiting is not None:
                 deferred.append(item)
                 continue
             if missing is not None:
                 error = ParentNotWrittenError(
                     f"parent {missing.source_entity} {missing.source_key!r} of"
-                    f" {item.command.source_key!r} is not in {missing.target_entity} yet"
+                    f" {command.source_key!r} is not in {missing.target_entity} yet"
                 )
                 results.append((item, Outcome("failed", error.failure_class, str(error))))
                 continue
-            payloads.append(payload)
+            records.append(SinkRecord(payload, filled, list(lines), item.exists))
             ready.append(item)
-        return payloads, ready
+        return records, ready
+
+    async def _find_parents(
+        self,
+        sink: Sink,
+        refs: dict[tuple[str, str, str], ParentRef],
+        known: dict[tuple[str, str, str], str],
+    ) -> dict[tuple[str, str, str], str]:
+        """The target ids of parents not in the identity links, one batched lookup per
+        (target entity, match field): ``{parent record: target id}`` for those found."""
+        wanted: dict[tuple[str, str], dict[str, list[tuple[str, str, str]]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        for record, ref in refs.items():
+            if record in known or record in self._known or not ref.match_field:
+                continue
+            value = ref.match_value or ref.source_key
+            wanted[(ref.target_entity, ref.match_field)][value].append(record)
+        found: dict[tuple[str, str, str], str] = {}
+        for (target_entity, match_field), by_value in wanted.items():
+            values = list(by_value)
+            ids = await _find_ids(sink, target_entity, match_field, values)
+            for value, target_id in ids.items():
+                for record in by_value.get(value, ()):
+                    found[record] = target_id
+        return found
 
     async def _audit_outcomes(self, results: list[tuple[Pending, Outcome]]) -> None:
         rows = []
@@ -412,30 +444,31 @@ class Batcher:
                 else "skipped"
             )
             counts[(c.flow, stage)] += 1
-            rows.append(
-                outcome_row(
-                    at=now,
-                    actor=actor,
-                    stage=stage,
-                    status=outcome.status,
-                    flow=c.flow,
-                    direction=f"{c.source_system}->{c.target_system}",
-                    source_ref=c.source_ref,
-                    target_ref=f"{c.target_system}:{c.target_entity}:{outcome.target_id}"
-                    if outcome.target_id
-                    else None,
-                    event_id=c.event_id,
-                    command_id=c.command_id,
-                    message_id=pending.message_id,
-                    error_class=str(outcome.failure) if outcome.failure else None,
-                    error=outcome.error,
-                    transformation=c.transformation,
-                    source_version=c.source_version,
-                    flow_version=c.flow_version,
-                    mapped_at=pending.ticket.mapped_at,
-                    mapped_by=pending.ticket.mapped_by,
-                )
+            row = outcome_row(
+                at=now,
+                actor=actor,
+                stage=stage,
+                status=outcome.status,
+                flow=c.flow,
+                direction=f"{c.source_system}->{c.target_system}",
+                source_ref=c.source_ref,
+                target_ref=f"{c.target_system}:{c.target_entity}:{outcome.target_id}"
+                if outcome.target_id
+                else None,
+                event_id=c.event_id,
+                command_id=c.command_id,
+                message_id=pending.message_id,
+                error_class=str(outcome.failure) if outcome.failure else None,
+                error=outcome.error,
+                transformation=c.transformation,
+                source_version=c.source_version,
+                flow_version=c.flow_version,
+                mapped_at=pending.ticket.mapped_at,
+                mapped_by=pending.ticket.mapped_by,
             )
+            if pending.held_back and stage == "written":
+                row = (*row[:_DETAILS], {"held_back": pending.held_back}, *row[_DETAILS + 1 :])
+            rows.append(row)
         if rows:
             await self.ctx.audit.write_rows(rows)
         for (flow, stage), n in counts.items():
@@ -546,6 +579,52 @@ def _link_row(c: UpsertCommand, outcome: WriteOutcome) -> dict[str, Any]:
         "payload_hash": c.payload_hash,
         "command_id": c.command_id,
     }
+
+
+async def _find_ids(sink: Any, entity: str, field: str, values: list[str]) -> dict[str, str]:
+    """``sink.find_ids``; a sink that only has the one-value ``find_id`` of the old protocol
+    is asked value by value (ADAPTER until every connector speaks ``find_ids``)."""
+    if callable(getattr(sink, "find_ids", None)):
+        found: dict[str, str] = await sink.find_ids(entity, field, values)
+        return {v: tid for v, tid in found.items() if tid}
+    ids = await asyncio.gather(*(sink.find_id(entity, field, v) for v in values))
+    return {v: tid for v, tid in zip(values, ids, strict=True) if tid}
+
+
+async def _upsert(
+    sink: Any,
+    entity: str,
+    records: list[SinkRecord],
+    match_on: list[str],
+    lines_fields: list[str | None],
+) -> list[WriteOutcome]:
+    """``sink.upsert`` with neutral records; a sink of the old protocol (no ``refs_need_ids``)
+    gets them rendered the Zoho way here (ADAPTER until the Zoho connector renders them)."""
+    if getattr(sink, "refs_need_ids", None) is not None:
+        return list(await sink.upsert(entity, records, match_on))
+    rendered = [_zoho_shaped(r, f) for r, f in zip(records, lines_fields, strict=True)]
+    return list(await sink.upsert(entity, rendered, match_on))
+
+
+def _zoho_shaped(record: SinkRecord, lines_field: str | None) -> dict[str, Any]:
+    payload = dict(record.payload)
+    for ref in record.refs:
+        payload[ref.field] = {"id": ref.target_id}
+    if record.lines and lines_field:
+        rows = []
+        for line in record.lines:
+            row: dict[str, Any] = {
+                "Quantity": line.quantity,
+                "List_Price": line.unit_price or 0,
+                **line.fields,
+            }
+            if line.product is not None:
+                row["Product_Name"] = {"id": line.product.target_id}
+            if line.description is not None:
+                row["Description"] = line.description
+            rows.append(row)
+        payload[lines_field] = rows
+    return payload
 
 
 class Writer:
