@@ -18,7 +18,6 @@ the token endpoint is asked once per attempt of the API call that needs the toke
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -38,7 +37,6 @@ from pydantic import (
 from pydantic_core import from_json
 from yarl import URL
 
-from shared.connections import ConnectorType
 from shared.connectors.base import (
     Capabilities,
     CursorKind,
@@ -51,6 +49,7 @@ from shared.connectors.base import (
     WriteOutcome,
 )
 from shared.connectors.paging import DEFAULT_MAX_PAGES, MAX_PAGES_LIMIT, PageGuard
+from shared.connectors.registry import ConnectorType
 from shared.failures import (
     AuthError,
     ConnectorError,
@@ -119,26 +118,44 @@ LINE_ITEM_FIELDS = {
 }
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
 
-_UPSERT = frozenset({MatchStrategy.DUPLICATE_CHECK, MatchStrategy.EXTERNAL_ID})
-_CURSORS = frozenset({CursorKind.TIMESTAMP, CursorKind.NONE})
-CAPABILITIES = Capabilities(
-    streams=tuple(
-        StreamDecl(module, key=("id",), cursors=_CURSORS, deletes=True)
-        for module in ("Accounts", "Contacts", "Deals", "Products", "Leads", *LINE_ITEM_FIELDS)
-    ),
-    sinks=(
-        *(
-            SinkDecl(module, match=_UPSERT)
-            for module in ("Accounts", "Contacts", "Deals", "Products", "Leads")
-        ),
-        *(SinkDecl(module, match=_UPSERT, line_items=f) for module, f in LINE_ITEM_FIELDS.items()),
-    ),
-    open_streams=True,  # custom modules: checked by ping
-    open_sinks=True,
-    max_batch=MAX_UPSERT,
-    push=True,
-    keys_case_sensitive=True,
+# The standard modules whose records the API reads and upserts; an org's custom modules are
+# named in the connection's ``custom_modules``.
+STANDARD_MODULES = (
+    "Accounts",
+    "Contacts",
+    "Deals",
+    "Leads",
+    "Products",
+    "Vendors",
+    "Campaigns",
+    "Cases",
+    "Solutions",
+    "Price_Books",
+    "Tasks",
+    "Events",
+    "Calls",
+    *LINE_ITEM_FIELDS,
 )
+_UPSERT = frozenset({MatchStrategy.DUPLICATE_CHECK})
+_CURSORS = frozenset({CursorKind.TIMESTAMP, CursorKind.NONE})
+
+
+def _capabilities(modules: tuple[str, ...], max_batch: int) -> Capabilities:
+    return Capabilities(
+        streams=tuple(
+            StreamDecl(module, key=("id",), cursors=_CURSORS, deletes=True) for module in modules
+        ),
+        sinks=tuple(
+            SinkDecl(module, match=_UPSERT, line_items=LINE_ITEM_FIELDS.get(module))
+            for module in modules
+        ),
+        max_batch=max_batch,
+        push=True,
+        keys_case_sensitive=True,
+    )
+
+
+CAPABILITIES = _capabilities(STANDARD_MODULES, MAX_UPSERT)
 
 
 class ZohoCrmSettings(BaseModel):
@@ -159,6 +176,9 @@ class ZohoCrmSettings(BaseModel):
     )
     max_pages_per_read: int = Field(
         DEFAULT_MAX_PAGES, ge=1, le=MAX_PAGES_LIMIT, description="ceiling of pages in one read"
+    )
+    custom_modules: tuple[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,99}$")], ...] = (
+        Field((), max_length=500, description="API names of the org's custom modules flows use")
     )
 
     @field_validator("accounts_url", "api_domain")
@@ -877,13 +897,14 @@ def _request_level_error(
     )
 
 
-def capabilities(settings: BaseModel) -> Capabilities:
-    """What a Zoho CRM connection reads and writes (the same for every org; custom modules
-    are open, checked by ping)."""
+def capabilities(settings: BaseModel | None) -> Capabilities:
+    """What a Zoho CRM connection reads and writes: the standard modules and the custom
+    modules its settings name, upserted by duplicate-check fields, 100 records a call."""
     max_batch = getattr(settings, "upsert_batch_size", MAX_UPSERT)
-    if max_batch == CAPABILITIES.max_batch:
+    custom = tuple(getattr(settings, "custom_modules", ()))
+    if max_batch == CAPABILITIES.max_batch and not custom:
         return CAPABILITIES
-    return dataclasses.replace(CAPABILITIES, max_batch=max_batch)
+    return _capabilities(tuple(dict.fromkeys((*STANDARD_MODULES, *custom))), max_batch)
 
 
 def _record_id(what: str, record: dict[str, Any]) -> str:
@@ -896,10 +917,12 @@ def _record_id(what: str, record: dict[str, Any]) -> str:
         ) from None
 
 
-CONNECTOR_TYPE = ConnectorType(
+CONNECTOR = ConnectorType(
     system="zoho_crm",
+    title="Zoho CRM REST API v8 (OAuth refresh token, per datacenter)",
     settings_model=ZohoCrmSettings,
     secrets_model=ZohoCrmSecrets,
     factory=ZohoCrmConnector,
-    description="Zoho CRM REST API v8 (OAuth refresh token, per datacenter)",
+    capabilities=capabilities,
 )
+CONNECTOR_TYPE = CONNECTOR
