@@ -268,7 +268,8 @@ def flows_apply(files: tuple[str, ...]) -> None:
 
     async def go() -> list[str]:
         async with _pool() as pool:
-            known = {r["name"] for r in await pool.fetch("SELECT name FROM connections")}
+            rows = await pool.fetch("SELECT name, system, settings FROM connections")
+            known = {r["name"]: (r["system"], r["settings"]) for r in rows}
             missing = [
                 f"{path}: flow {flow.name!r}: connection(s) {', '.join(absent)} not found"
                 " (ml-connector connections add ...)"
@@ -277,6 +278,9 @@ def flows_apply(files: tuple[str, ...]) -> None:
             ]
             if missing:
                 _fail("nothing applied:\n" + "\n".join(missing), 2)
+            problems = _capability_problems(parsed, known)
+            if problems:
+                _fail("nothing applied:\n" + "\n".join(problems), 2)
             results = await FlowStore(pool).apply_all([(f, str(p)) for p, f in parsed])
             return [
                 f"{flow.name} v{version} {what}"
@@ -285,6 +289,26 @@ def flows_apply(files: tuple[str, ...]) -> None:
 
     for line in _run(go()):
         click.echo(line)
+
+
+def _capability_problems(
+    parsed: list[tuple[str, Any]], connections: dict[str, tuple[str, Any]]
+) -> list[str]:
+    """What each flow asks that its connections' capabilities refuse (one line each)."""
+    from shared.connectors import registry
+
+    caps: dict[str, tuple[str, registry.Capabilities]] = {}
+    problems: list[str] = []
+    for path, flow in parsed:
+        try:
+            for name in (flow.source, flow.target):
+                if name not in caps:
+                    system, settings = connections[name]
+                    caps[name] = (system, registry.capabilities_of(system, settings))
+        except registry.ConnectionConfigError:
+            continue  # a connection of an unknown system fails where it is opened
+        problems += registry.flow_problems(flow, path, caps[flow.source], caps[flow.target])
+    return problems
 
 
 @flows.command("list")

@@ -57,7 +57,14 @@ from shared.messages import Message, encode
 log = logging.getLogger(__name__)
 
 EXCHANGES = ("changes", "notices", "commands")
-DEFAULT_WRITER_TARGETS = ("zoho_crm", "salesforce", "acumatica", "sage300")
+
+
+def default_writer_targets() -> tuple[str, ...]:
+    """The systems a connection can write to (``shared.connectors.registry``)."""
+    from shared.connectors.registry import writer_targets
+
+    return writer_targets()
+
 
 H_ERROR_CLASS = "x-mlc-error-class"
 H_ERROR = "x-mlc-error"
@@ -123,7 +130,7 @@ NOTICES_QUEUE = WorkQueue("poller.notices", "notices")
 class Topology:
     prefix: str = "mlc"
     retry_delays_s: list[int] = field(default_factory=lambda: [5, 30, 120, 600, 1800])
-    writer_targets: tuple[str, ...] = DEFAULT_WRITER_TARGETS
+    writer_targets: tuple[str, ...] = field(default_factory=default_writer_targets)
     delivery_limit: int = 20
 
     @property

@@ -2,7 +2,8 @@
 
 Non-secret settings are stored as JSON; secrets are sealed by the vault with the connection name
 as associated data. Each system module declares its settings and secrets as pydantic models and
-registers a ``ConnectorType``; ``build_connector`` builds a live connector from a stored row.
+registers a ``ConnectorType`` (``shared.connectors.registry``, from entry points);
+``build_connector`` builds a live connector from a stored row.
 
 - Opening a connection registers every one of its secrets with ``shared.logs``, so that they
   are masked in every text we write, whatever a vendor echoes.
@@ -16,47 +17,38 @@ registers a ``ConnectorType``; ``build_connector`` builds a live connector from 
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from shared.connectors import registry
 from shared.connectors.base import Connector
+from shared.connectors.registry import ConnectionConfigError, ConnectorType
 from shared.logs import MIN_SECRET_LENGTH, register_secrets
 from shared.tokens import TokenCache
 from shared.vault import Vault
 
+__all__ = [
+    "ConnectionConfigError",
+    "ConnectionStore",
+    "ConnectorType",
+    "StoredConnection",
+    "UrlPolicy",
+    "build_connector",
+    "connector_type",
+    "validation_message",
+]
+
 log = logging.getLogger(__name__)
-
-CONNECTOR_MODULES = {
-    "syspro": "shared.connectors.syspro",
-    "zoho_crm": "shared.connectors.zoho_crm",
-}
-
-
-@dataclass(frozen=True)
-class ConnectorType:
-    system: str
-    settings_model: type[BaseModel]
-    secrets_model: type[BaseModel]
-    factory: Callable[..., Connector]
-    description: str = ""
-
-
-class ConnectionConfigError(Exception):
-    """A connection that does not exist or whose stored definition is invalid."""
 
 
 def connector_type(system: str) -> ConnectorType:
-    module_name = CONNECTOR_MODULES.get(system)
-    if module_name is None:
-        known = ", ".join(sorted(CONNECTOR_MODULES))
-        raise ConnectionConfigError(f"unknown system {system!r} (known: {known})")
-    return importlib.import_module(module_name).CONNECTOR_TYPE
+    """The registered connector type of ``system`` (``shared.connectors.registry``)."""
+    return registry.get(system)
 
 
 @dataclass(frozen=True)

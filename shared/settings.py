@@ -19,6 +19,12 @@ from shared.vault import KEY_ID, VaultError, parse_key, parse_old_keys
 DEV_MASTER_KEY = "ZGV2LW9ubHktbWFzdGVyLWtleS1ub3QtZm9yLXByb2Q="
 
 
+def _registry_writer_targets() -> tuple[str, ...]:
+    from shared.connectors.registry import writer_targets
+
+    return writer_targets()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLC_", extra="ignore")
 
@@ -31,7 +37,8 @@ class Settings(BaseSettings):
         "http://127.0.0.1:15672", description="management API, for unacked counts; '' for none"
     )
     writer_targets: Annotated[list[str], NoDecode] = Field(
-        ["zoho_crm", "salesforce", "acumatica", "sage300"]
+        default_factory=lambda: list(_registry_writer_targets()),
+        description="systems whose writer queues exist; default: every writable system",
     )
     master_key: SecretStr = Field(SecretStr(DEV_MASTER_KEY), description="base64 32-byte key")
     master_key_id: str = Field(

@@ -48,9 +48,9 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from yarl import URL
 
-from shared.connections import ConnectorType
-from shared.connectors.base import PingResult, StreamSpec
+from shared.connectors.base import Capabilities, CursorKind, PingResult, StreamDecl, StreamSpec
 from shared.connectors.paging import DEFAULT_MAX_PAGES, MAX_PAGES_LIMIT, PageGuard
+from shared.connectors.registry import ConnectorType
 from shared.failures import (
     AuthError,
     ConnectorError,
@@ -674,10 +674,6 @@ class SysproConnector:
         """``GetVersion`` (no session): the e.net version string."""
         return await self._rest("GetVersion", {}, policy=policy)
 
-    async def query(self, business_object: str, xml_in: str) -> str:
-        """``Query/Query``: a query business object (e.g. COMFND) run in the session; its XML."""
-        return await self._enet("Query/Query", {"BusinessObject": business_object, "XmlIn": xml_in})
-
     async def logoff(self) -> bool:
         """``Logoff`` the session this connector logged on (frees the licence seat). A session
         taken from the shared token cache belongs to the replica that opened it: it is left
@@ -1072,13 +1068,38 @@ def _chunks(clauses: Sequence[str], max_items: int, max_chars: int) -> list[list
     return chunks
 
 
-CONNECTOR_TYPE = ConnectorType(
+# The tables a SYSPRO connection reads, with their SQL keys; other tables are readable when
+# the connection's ``entity_sets`` names them (the flow then names the key).
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "ArCustomer": ("Customer",),
+    "ArInvoice": ("Customer", "Invoice", "DocumentType"),
+}
+_CURSORS = frozenset({CursorKind.TIMESTAMP, CursorKind.NONE})
+
+
+def capabilities(settings: BaseModel | None) -> Capabilities:
+    """Read only: the known tables and those the connection's ``entity_sets`` maps, filtered
+    server-side ($filter); keys compared as the connection's collation says."""
+    tables = dict.fromkeys([*TABLE_KEYS, *(getattr(settings, "entity_sets", None) or {})])
+    case_sensitive = bool(getattr(settings, "case_sensitive_keys", False))
+    return Capabilities(
+        streams=tuple(
+            StreamDecl(t, key=TABLE_KEYS.get(t, ()), cursors=_CURSORS, filter_pushdown=True)
+            for t in tables
+        ),
+        keys_case_sensitive=case_sensitive,
+    )
+
+
+CONNECTOR = ConnectorType(
     system=SYSTEM,
-    settings_model=SysproSettings,
-    secrets_model=SysproSecrets,
-    factory=SysproConnector,
-    description=(
+    title=(
         "SYSPRO 8 (source): e.net Solutions REST for the session and the logon profile,"
         " the SYSPRO OData service (Basic auth) for ArCustomer, ArInvoice and other tables"
     ),
+    settings_model=SysproSettings,
+    secrets_model=SysproSecrets,
+    factory=SysproConnector,
+    capabilities=capabilities,
 )
+CONNECTOR_TYPE = CONNECTOR

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 import aiohttp
@@ -37,9 +37,19 @@ from pydantic import (
 from pydantic_core import from_json
 from yarl import URL
 
-from shared.connections import ConnectorType
-from shared.connectors.base import PingResult, StreamSpec, WriteOutcome
+from shared.connectors.base import (
+    Capabilities,
+    CursorKind,
+    MatchStrategy,
+    PingResult,
+    SinkDecl,
+    SinkRecord,
+    StreamDecl,
+    StreamSpec,
+    WriteOutcome,
+)
 from shared.connectors.paging import DEFAULT_MAX_PAGES, MAX_PAGES_LIMIT, PageGuard
+from shared.connectors.registry import ConnectorType
 from shared.failures import (
     AuthError,
     ConnectorError,
@@ -78,6 +88,8 @@ ACCOUNTS_SERVERS = {
     "uk": "https://accounts.zoho.uk",
 }
 MAX_UPSERT = 100
+MAX_COQL_IN = 100  # values in one COQL ``in (...)``
+COQL_PAGE = 200  # rows a COQL call (the safe limit, see the reference)
 MAX_FIELDS = 50
 DISCRETE_PAGE_LIMIT = 2000
 
@@ -96,6 +108,54 @@ PERMANENT_RECORD_CODES = {
     "LIMIT_EXCEEDED",
 }
 TRANSIENT_RECORD_CODES = {"RECORD_LOCKED", "DEPENDENT_SERVICE_ERROR", "INTERNAL_ERROR"}
+
+# The line-item subform of each inventory module (reference section 4).
+LINE_ITEM_FIELDS = {
+    "Invoices": "Invoiced_Items",
+    "Sales_Orders": "Ordered_Items",
+    "Quotes": "Quoted_Items",
+    "Purchase_Orders": "Purchased_Items",
+}
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
+
+# The standard modules whose records the API reads and upserts; an org's custom modules are
+# named in the connection's ``custom_modules``.
+STANDARD_MODULES = (
+    "Accounts",
+    "Contacts",
+    "Deals",
+    "Leads",
+    "Products",
+    "Vendors",
+    "Campaigns",
+    "Cases",
+    "Solutions",
+    "Price_Books",
+    "Tasks",
+    "Events",
+    "Calls",
+    *LINE_ITEM_FIELDS,
+)
+_UPSERT = frozenset({MatchStrategy.DUPLICATE_CHECK})
+_CURSORS = frozenset({CursorKind.TIMESTAMP, CursorKind.NONE})
+
+
+def _capabilities(modules: tuple[str, ...], max_batch: int) -> Capabilities:
+    return Capabilities(
+        streams=tuple(
+            StreamDecl(module, key=("id",), cursors=_CURSORS, deletes=True) for module in modules
+        ),
+        sinks=tuple(
+            SinkDecl(module, match=_UPSERT, line_items=LINE_ITEM_FIELDS.get(module))
+            for module in modules
+        ),
+        max_batch=max_batch,
+        push=True,
+        keys_case_sensitive=True,
+    )
+
+
+CAPABILITIES = _capabilities(STANDARD_MODULES, MAX_UPSERT)
 
 
 class ZohoCrmSettings(BaseModel):
@@ -116,6 +176,9 @@ class ZohoCrmSettings(BaseModel):
     )
     max_pages_per_read: int = Field(
         DEFAULT_MAX_PAGES, ge=1, le=MAX_PAGES_LIMIT, description="ceiling of pages in one read"
+    )
+    custom_modules: tuple[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,99}$")], ...] = (
+        Field((), max_length=500, description="API names of the org's custom modules flows use")
     )
 
     @field_validator("accounts_url", "api_domain")
@@ -209,6 +272,10 @@ class AnyObject(RootModel[dict[str, Any]]):
     pass
 
 
+class AnyValue(RootModel[Any]):
+    pass
+
+
 class ReadRecord(_Answer):
     id: ZohoId
 
@@ -216,6 +283,11 @@ class ReadRecord(_Answer):
 def escape_criteria(value: str) -> str:
     """Escape a value for ``criteria=(Field:equals:value)``."""
     return re.sub(r"([\\(),])", r"\\\1", value)
+
+
+def escape_coql(value: str) -> str:
+    """A COQL string literal: quoted, with backslashes and quotes escaped."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _record_error(item: RecordError) -> tuple[FailureClass, str, str]:
@@ -241,6 +313,7 @@ def _error_body(answer: HttpAnswer) -> Any:
 
 class ZohoCrmConnector:
     system = "zoho_crm"
+    refs_need_ids = True  # a lookup is written as {"id": target id}
 
     def __init__(
         self,
@@ -265,6 +338,7 @@ class ZohoCrmConnector:
         )
         register_secrets(self._secrets)
         self.max_batch = self.settings.upsert_batch_size
+        self.capabilities = capabilities(self.settings)
         self.retry_policy = retry_policy
         self.cap = BodyCap.of(name, self.settings.max_response_mb)
         self.limiter = RateLimiter(name, max_concurrency=self.settings.max_concurrency)
@@ -418,6 +492,23 @@ class ZohoCrmConnector:
         self,
         method: str,
         path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        operation: str,
+    ) -> tuple[int, Any]:
+        """An API call (``_request``) whose answer is any JSON value: (status, the decoded
+        body, None for 204/304). Raises classified errors."""
+        status, body = await self._request(
+            method, path, AnyValue, params=params, json=json, headers=headers, operation=operation
+        )
+        return status, body.root if body is not None else None
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
         model: type[M],
         *,
         params: Mapping[str, str] | None = None,
@@ -501,9 +592,18 @@ class ZohoCrmConnector:
     # -- sink ---------------------------------------------------------------------------------
 
     async def upsert(
-        self, entity: str, records: list[dict[str, Any]], match_on: list[str]
+        self, entity: str, records: Sequence[SinkRecord | dict[str, Any]], match_on: list[str]
     ) -> list[WriteOutcome]:
-        chunks = [records[i : i + self.max_batch] for i in range(0, len(records), self.max_batch)]
+        """One outcome per record, in order. A ``SinkRecord``'s parent references render as
+        ``{"id": ...}`` and its line items as rows of the module's subform (a plain dict is
+        sent as it is)."""
+        lines_field = LINE_ITEM_FIELDS.get(entity)
+        payloads = [
+            _render(record, lines_field) if isinstance(record, SinkRecord) else record
+            for record in records
+        ]
+        size = self.max_batch
+        chunks = [payloads[i : i + size] for i in range(0, len(payloads), size)]
         results = await asyncio.gather(*(self._upsert_chunk(entity, c, match_on) for c in chunks))
         return [outcome for chunk in results for outcome in chunk]
 
@@ -511,7 +611,7 @@ class ZohoCrmConnector:
         self, entity: str, records: list[dict[str, Any]], match_on: list[str]
     ) -> list[WriteOutcome]:
         what = f"Zoho CRM upsert {entity}"
-        _, body = await self._call(
+        status, body = await self._request(
             "POST",
             f"/{entity}/upsert",
             UpsertAnswer,
@@ -520,6 +620,10 @@ class ZohoCrmConnector:
             data_on_400=True,
         )
         items = body.data if body is not None else None
+        if items is not None and status == 400:
+            request_error = _request_level_error(what, items, len(records), match_on)
+            if request_error is not None:
+                return [request_error] * len(records)
         if items is None or len(items) != len(records):
             raise TransientError(
                 f"{what}: malformed response: expected {len(records)} results,"
@@ -528,19 +632,52 @@ class ZohoCrmConnector:
             )
         return [_outcome(what, index, item) for index, item in enumerate(items)]
 
+    async def find_ids(self, entity: str, field: str, values: Sequence[str]) -> dict[str, str]:
+        """``{value: id}`` of the records whose ``field`` equals a value exactly, by COQL
+        (``in`` with at most 100 values a call, every page followed); never the search API,
+        whose ``equals`` matches words and prefixes."""
+        for name, what in ((entity, "module"), (field, "field")):
+            if not _NAME.fullmatch(name):
+                raise PermanentError(f"Zoho CRM lookup: {what} {name!r} is not an API name")
+        wanted = list(dict.fromkeys(str(v) for v in values if v is not None and str(v) != ""))
+        found: dict[str, str] = {}
+        what = f"Zoho CRM COQL {entity}.{field}"
+        for i in range(0, len(wanted), MAX_COQL_IN):
+            chunk = wanted[i : i + MAX_COQL_IN]
+            literals = ", ".join(escape_coql(v) for v in chunk)
+            chunk_set = set(chunk)
+            offset = 0
+            guard = PageGuard(self.name, entity, max_pages=self.settings.max_pages_per_read)
+            while True:
+                query = (
+                    f"select id, {field} from {entity} where {field} in ({literals})"
+                    f" order by id limit {offset}, {COQL_PAGE}"
+                )
+                _, page = await self._request(
+                    "POST",
+                    "/coql",
+                    RecordsPage,
+                    json={"select_query": query},
+                    operation=f"coql.{entity}",
+                )
+                if page is None:
+                    break
+                for record in page.data:
+                    value = record.get(field)
+                    if isinstance(value, str | int) and not isinstance(value, bool):
+                        text = str(value)
+                        if text in chunk_set and text not in found:
+                            found[text] = _record_id(what, record)
+                if not page.info.more_records or not page.data:
+                    break
+                offset += len(page.data)
+                guard.page((r.get("id") for r in page.data), f"offset={offset}")
+        return found
+
     async def find_id(self, entity: str, field: str, value: str) -> str | None:
-        what = f"Zoho CRM search {entity}"
-        _, body = await self._call(
-            "GET",
-            f"/{entity}/search",
-            RecordsPage,
-            params={"criteria": f"({field}:equals:{escape_criteria(value)})", "fields": field},
-            operation=f"search.{entity}",
-        )
-        for record in body.data if body is not None else []:
-            if str(record.get(field, "")) == value:
-                return _record_id(what, record)
-        return None
+        """Transitional: the writer of today asks one value at a time (``find_ids`` batched
+        replaces it once the writer resolves parents per flush)."""
+        return (await self.find_ids(entity, field, [value])).get(value)
 
     # -- source -------------------------------------------------------------------------------
 
@@ -575,7 +712,7 @@ class ZohoCrmConnector:
                 query["page"] = str(page)
             else:
                 query["page_token"] = token
-            status, body = await self._call(
+            status, body = await self._request(
                 "GET",
                 f"/{stream.entity}",
                 RecordsPage,
@@ -610,7 +747,7 @@ class ZohoCrmConnector:
     async def fetch(self, stream: StreamSpec, ids: list[str]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for i in range(0, len(ids), 100):
-            _status, body = await self._call(
+            _status, body = await self._request(
                 "GET",
                 f"/{stream.entity}",
                 RecordsPage,
@@ -637,7 +774,7 @@ class ZohoCrmConnector:
             f" API at {token.context['api_domain']}",
         )
         try:
-            _, body = await self._call("GET", "/org", AnyObject, operation="ping.org")
+            _, body = await self._request("GET", "/org", AnyObject, operation="ping.org")
             orgs = (body.root if body is not None else {}).get("org") or [{}]
             org = orgs[0] if isinstance(orgs, list) and isinstance(orgs[0], dict) else {}
             result.add(
@@ -647,7 +784,7 @@ class ZohoCrmConnector:
             result.add("api", False, redact(str(exc)))
             return result
         try:
-            _, body = await self._call(
+            _, body = await self._request(
                 "GET", "/settings/modules", AnyObject, operation="ping.modules"
             )
             listed = (body.root if body is not None else {}).get("modules") or []
@@ -695,6 +832,81 @@ def _outcome(what: str, index: int, item: Any) -> WriteOutcome:
     return WriteOutcome(False, failure=failure, error=text, code=code)
 
 
+def _render(record: SinkRecord, lines_field: str | None) -> dict[str, Any]:
+    """A record as Zoho takes it: lookups as ``{"id": ...}``, line items as subform rows."""
+    if not record.refs and not record.lines:
+        return record.payload
+    payload = dict(record.payload)
+    for ref in record.refs:
+        target_id = getattr(ref, "target_id", None)
+        if target_id:
+            payload[ref.field] = {"id": target_id}
+    if record.lines:
+        if lines_field is None:
+            raise PermanentError("Zoho CRM: this module has no line items; remove the lines")
+        payload[lines_field] = [_line(line) for line in record.lines]
+    return payload
+
+
+def _line(line: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"Quantity": line.quantity}
+    product = line.product
+    if product is not None and getattr(product, "target_id", None):
+        row["Product_Name"] = {"id": product.target_id}
+    if line.unit_price is not None:
+        row["List_Price"] = line.unit_price
+    if line.description is not None:
+        row["Description"] = line.description
+    row.update(line.fields)
+    return row
+
+
+def _request_level_error(
+    what: str, items: list[Any], count: int, match_on: list[str]
+) -> WriteOutcome | None:
+    """A 400 that answers the whole request rather than its records (one ``data`` item about
+    the request, e.g. a ``duplicate_check_fields`` the module does not have): every record of
+    the batch fails with its cause, classified from its code, never as a malformed answer."""
+    if len(items) != 1 or not isinstance(items[0], dict):
+        return None
+    try:
+        error = RecordError.model_validate(items[0])
+    except ValidationError:
+        return None
+    details = error.details or {}
+    path = str(details.get("json_path") or "")
+    if count == 1 and not path.startswith("$.duplicate_check_fields"):
+        return None  # one record, one answer: its own
+    code = str(error.code or "UNKNOWN")
+    if path.startswith("$.duplicate_check_fields") or details.get("api_name") in (
+        "duplicate_check_fields",
+        *match_on,
+    ):
+        field = details.get("api_name") if path.startswith("$.duplicate_check_fields[") else None
+        supported = details.get("supported_values")
+        text = (
+            f"{what}: {code}: the module has no unique field"
+            f" {field or ', '.join(match_on)!r} to match on (duplicate_check_fields"
+            + (f"; it has {', '.join(map(str, supported))}" if isinstance(supported, list) else "")
+            + "); fix the flow's match_on or make the field unique in Zoho"
+        )
+        return WriteOutcome(False, failure=FailureClass.PERMANENT, error=redact(text), code=code)
+    failure, code, text = _record_error(error)
+    return WriteOutcome(
+        False, failure=failure, error=f"{what}: the whole request was refused: {text}", code=code
+    )
+
+
+def capabilities(settings: BaseModel | None) -> Capabilities:
+    """What a Zoho CRM connection reads and writes: the standard modules and the custom
+    modules its settings name, upserted by duplicate-check fields, 100 records a call."""
+    max_batch = getattr(settings, "upsert_batch_size", MAX_UPSERT)
+    custom = tuple(getattr(settings, "custom_modules", ()))
+    if max_batch == CAPABILITIES.max_batch and not custom:
+        return CAPABILITIES
+    return _capabilities(tuple(dict.fromkeys((*STANDARD_MODULES, *custom))), max_batch)
+
+
 def _record_id(what: str, record: dict[str, Any]) -> str:
     try:
         return ReadRecord.model_validate(record).id
@@ -705,10 +917,12 @@ def _record_id(what: str, record: dict[str, Any]) -> str:
         ) from None
 
 
-CONNECTOR_TYPE = ConnectorType(
+CONNECTOR = ConnectorType(
     system="zoho_crm",
+    title="Zoho CRM REST API v8 (OAuth refresh token, per datacenter)",
     settings_model=ZohoCrmSettings,
     secrets_model=ZohoCrmSecrets,
     factory=ZohoCrmConnector,
-    description="Zoho CRM REST API v8 (OAuth refresh token, per datacenter)",
+    capabilities=capabilities,
 )
+CONNECTOR_TYPE = CONNECTOR

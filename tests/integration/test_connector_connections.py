@@ -162,12 +162,12 @@ async def test_an_html_token_endpoint_costs_at_most_the_policy_attempts_per_api_
     zoho = ZohoCrmConnector("crm-html", zoho_settings(emulator), ZOHO_SECRETS, retry_policy=FAST)
     try:
         with pytest.raises(TransientError, match="HTML page"):
-            await zoho.find_id("Accounts", "Account_Name", "Acme")
+            await zoho.find_ids("Accounts", "Account_Name", ["Acme"])
     finally:
         await zoho.close()
     calls = (await stats(emulator))["calls"]
     assert calls.get("POST /oauth/v2/token") == FAST.attempts  # was attempts squared
-    assert "GET /crm/v8/Accounts/search" not in calls
+    assert "POST /crm/v8/coql" not in calls
 
 
 async def test_a_secret_too_short_to_mask_is_named_when_the_connection_is_added(

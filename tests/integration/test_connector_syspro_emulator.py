@@ -209,10 +209,13 @@ async def test_session_expiry_mid_run_is_renewed_and_no_record_lost(emulator: Em
                 await emulator.control("POST", "expire_sessions")
             if len(profiles) == 4:
                 await emulator.control("POST", "advance_clock", {"seconds": 1300})
-        comfnd = await connector.query(
-            "COMFND",
-            "<Query><TableName>ArCustomer</TableName><ReturnRows>3</ReturnRows>"
-            "<Columns><Column>Customer</Column></Columns></Query>",
+        comfnd = await connector._enet(
+            "Query/Query",
+            {
+                "BusinessObject": "COMFND",
+                "XmlIn": "<Query><TableName>ArCustomer</TableName><ReturnRows>3</ReturnRows>"
+                "<Columns><Column>Customer</Column></Columns></Query>",
+            },
         )
     finally:
         await connector.close()

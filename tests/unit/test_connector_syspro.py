@@ -423,7 +423,13 @@ async def test_business_object_error_is_permanent_and_keeps_the_session(
     answer = "ERROR: Column 'Nmae' not found in table 'ArCustomer'"
     enet(http, "Query/Query", lambda q: answer, calls)
     with pytest.raises(PermanentError) as info:
-        await connector.query("COMFND", "<Query><TableName>ArCustomer</TableName></Query>")
+        await connector._enet(
+            "Query/Query",
+            {
+                "BusinessObject": "COMFND",
+                "XmlIn": "<Query><TableName>ArCustomer</TableName></Query>",
+            },
+        )
     assert "Column 'Nmae' not found" in str(info.value)
     assert not isinstance(info.value, AuthError)
     assert connector.logons == 1

@@ -18,9 +18,9 @@ from aioresponses import core as aioresponses_core
 from yarl import URL
 
 from shared import metrics
-from shared.connectors.base import StreamSpec
+from shared.connectors.base import SinkRecord, StreamSpec
 from shared.connectors.paging import PagingError
-from shared.connectors.zoho_crm import ZohoCrmConnector
+from shared.connectors.zoho_crm import ZohoCrmConnector, escape_coql
 from shared.failures import FailureClass, TransientError, describe
 from shared.logs import JsonFormatter
 from shared.retry import RetryPolicy
@@ -290,9 +290,9 @@ async def test_find_id_refuses_a_match_without_a_valid_id(
     zoho: ZohoCrmConnector, http: aioresponses
 ) -> None:
     token_ok(http)
-    api(http, "GET", "/Accounts/search", body({"data": [{"ERP_Customer_No": "C1", "id": None}]}))
+    api(http, "POST", "/coql", body({"data": [{"ERP_Customer_No": "C1", "id": None}]}))
     with pytest.raises(TransientError, match="without a valid id"):
-        await zoho.find_id("Accounts", "ERP_Customer_No", "C1")
+        await zoho.find_ids("Accounts", "ERP_Customer_No", ["C1"])
 
 
 @pytest.mark.parametrize(
@@ -308,7 +308,7 @@ async def test_a_malformed_token_answer_is_not_trusted(
 ) -> None:
     http.post(TOKEN_URL, payload=payload, repeat=True)
     with pytest.raises(TransientError, match=r"token refresh .*malformed response"):
-        await zoho.find_id("Accounts", "ERP_Customer_No", "C1")
+        await zoho.find_ids("Accounts", "ERP_Customer_No", ["C1"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,10 +326,10 @@ async def test_secrets_echoed_in_an_error_body_are_masked_everywhere(
         f" (form: client_secret={aiohttp.helpers.quote(CLIENT_SECRET, safe='')})",
         "status": "error",
     }
-    api(http, "GET", "/Accounts/search", body(echo, status=500))
+    api(http, "POST", "/coql", body(echo, status=500))
     caplog.set_level(logging.INFO)
     with pytest.raises(TransientError) as info:
-        await zoho.find_id("Accounts", "ERP_Customer_No", "C1")
+        await zoho.find_ids("Accounts", "ERP_Customer_No", ["C1"])
     exc = info.value
     formatter = JsonFormatter("test")
     log = logging.getLogger("test.connector")
@@ -382,7 +382,7 @@ async def test_an_html_token_endpoint_costs_one_token_call_per_attempt(
 
     http.post(TOKEN_URL, callback=html, repeat=True)
     with pytest.raises(TransientError, match="HTML page"):
-        await zoho.find_id("Accounts", "ERP_Customer_No", "C1")
+        await zoho.find_ids("Accounts", "ERP_Customer_No", ["C1"])
     assert len(token_calls) == FAST.attempts  # not attempts squared (retries nested in retries)
 
 
@@ -400,7 +400,7 @@ async def test_invalid_code_with_http_200_is_a_failed_refresh(http: aioresponses
     ok_before = counter(metrics.API_CALLS, name, "oauth.token", "200")
     try:
         with pytest.raises(Exception) as info:
-            await zoho.find_id("Accounts", "ERP_Customer_No", "C1")
+            await zoho.find_ids("Accounts", "ERP_Customer_No", ["C1"])
     finally:
         await zoho.close()
     assert "invalid_code" in str(info.value) and "refresh token" in str(info.value)
@@ -409,3 +409,51 @@ async def test_invalid_code_with_http_200_is_a_failed_refresh(http: aioresponses
     assert counter(metrics.API_CALLS, name, "oauth.token", "200") == ok_before
     assert counter(metrics.API_CALLS, name, "oauth.token", "invalid_code") == 1
     assert counter(metrics.TOKEN_REFRESHES, name) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The sink renders neutral references and line items (issue 18 point 3)
+# --------------------------------------------------------------------------------------------
+
+
+async def test_upsert_renders_references_and_line_items(
+    zoho: ZohoCrmConnector, http: aioresponses
+) -> None:
+    token_ok(http)
+    sent: list[Any] = []
+
+    def answer(url: URL, **kwargs: Any) -> CallbackResult:
+        sent.append(kwargs["json"])
+        ok = {"status": "success", "action": "insert", "details": {"id": "77"}}
+        return body({"data": [ok] * len(kwargs["json"]["data"])})
+
+    http.post(re.compile(rf"^{re.escape(API)}/crm/v8/Invoices/upsert"), callback=answer)
+    account = SimpleNamespace(field="Account_Name", target_id="4100")
+    unknown = SimpleNamespace(field="Contact_Name", target_id=None)
+    product = SimpleNamespace(target_id="9100")
+    line = SimpleNamespace(
+        product=product, quantity=3.0, unit_price=10.5, description="bolts", fields={"Discount": 1}
+    )
+    record = SinkRecord({"Subject": "INV-1"}, refs=[account, unknown], lines=[line])  # type: ignore[list-item]
+    (outcome,) = await zoho.upsert("Invoices", [record], ["Subject"])
+    assert outcome.ok and outcome.target_id == "77"
+    (row,) = sent[0]["data"]
+    assert row == {
+        "Subject": "INV-1",
+        "Account_Name": {"id": "4100"},
+        "Invoiced_Items": [
+            {
+                "Product_Name": {"id": "9100"},
+                "Quantity": 3.0,
+                "List_Price": 10.5,
+                "Description": "bolts",
+                "Discount": 1,
+            }
+        ],
+    }
+    assert record.payload == {"Subject": "INV-1"}  # the caller's record is not changed
+
+
+def test_coql_literals_are_escaped() -> None:
+    assert escape_coql("O'Brien") == "'O\\'Brien'"
+    assert escape_coql("a\\b") == "'a\\\\b'"
