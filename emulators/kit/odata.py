@@ -626,7 +626,7 @@ class _Compiler:
             raise _invalid("The left operand of 'in' must be a property.")
         prop = self.prop(node.operand)
         get = prop.get
-        values = []
+        values: list[Any] = []
         for item in node.values:
             lit = item.literal
             if lit.edm == NULL:
