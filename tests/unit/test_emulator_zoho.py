@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from emulators.common import RunningEmulator
+from emulators.kit import RunningEmulator
 from emulators.zoho_crm import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
