@@ -372,7 +372,10 @@ class _Parser:
         return tok
 
     def _expect(self, text: str) -> None:
-        tok = self._next()
+        tok = self._peek()
+        if tok is None:
+            raise _invalid(f"'{text}' expected at position {len(self.text)} in '{self.text}'.")
+        self.pos += 1
         if tok.text != text:
             raise _invalid(f"'{text}' expected at position {tok.pos} in '{self.text}'.")
 
