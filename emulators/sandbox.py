@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from emulators import syspro, zoho_crm
-from emulators.common import RunningEmulator
+from emulators.kit import RunningEmulator
 from shared.connections import ConnectionStore
 from shared.flow_store import FlowStore
 from shared.flows import Flow, load_flow_file

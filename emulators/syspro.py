@@ -46,17 +46,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from itertools import compress, repeat
 from typing import Any
-from urllib.parse import quote
 from xml.sax.saxutils import escape as xml_escape
 
 from aiohttp import web
 
-from emulators.common import (
+from emulators.kit import (
     CONTROL_PREFIX,
     CallStats,
     Faults,
     add_common_control_routes,
     fault_middleware,
+    odata,
     serve_main,
 )
 
@@ -720,7 +720,7 @@ def _pools(local_currency: str) -> _Pools:
 
 
 # --------------------------------------------------------------------------------------------
-# OData $filter / $orderby / $select
+# OData $filter / $orderby / $select (the kit's parser, SYSPRO's dialect and error body)
 # --------------------------------------------------------------------------------------------
 
 
@@ -736,339 +736,65 @@ def _query_error(message: str) -> ODataError:
     return ODataError(400, "BadRequest", f"The query specified in the URI is not valid. {message}")
 
 
-_TOKEN_RE = re.compile(
-    r"""
-    (?P<ws>\s+)
-  | (?P<str>'(?:[^']|'')*')
-  | (?P<bin>(?:binary|X)'[A-Za-z0-9+/=_-]*')
-  | (?P<dto>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,7})?)?(?:Z|[+-]\d{2}:\d{2}))
-  | (?P<dtnaive>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,7})?)?)
-  | (?P<date>\d{4}-\d{2}-\d{2})
-  | (?P<num>[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?[mMdDfFlL]?)
-  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<punct>[(),])
-    """,
-    re.VERBOSE,
-)
-
-_COMPARE_OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "eq": operator.eq,
-    "ne": operator.ne,
-    "gt": operator.gt,
-    "ge": operator.ge,
-    "lt": operator.lt,
-    "le": operator.le,
-}
-_OP_KIND = {
-    "eq": "Equal",
-    "ne": "NotEqual",
-    "gt": "GreaterThan",
-    "ge": "GreaterThanOrEqual",
-    "lt": "LessThan",
-    "le": "LessThanOrEqual",
-}
-_MIRROR = {"eq": "eq", "ne": "ne", "gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
-_STRING_FUNCS = {"contains", "startswith", "endswith"}
+_COMPARE_OPS = odata.COMPARE_OPS
 
 
-@dataclass
-class _Tok:
-    kind: str
-    text: str
-    pos: int
+def _rowversion(value: Any) -> Any:
+    return int.from_bytes(value, "big") if isinstance(value, bytes) else value
 
 
-@dataclass
-class _Literal:
-    edm: str  # Edm.String, Edm.Decimal, Edm.DateTimeOffset, Edm.Date, Edm.Binary, Edm.Boolean, null
-    value: Any
+def _properties(table: Table) -> odata.Resolver:
+    """The columns of a table as OData properties (rows are lists)."""
+    cached: dict[str, odata.Property] = {}
 
-
-def _tokenize(text: str) -> list[_Tok]:
-    tokens: list[_Tok] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN_RE.match(text, pos)
-        if m is None:
-            raise _query_error(f"Syntax error at position {pos} in '{text}'.")
-        kind = m.lastgroup or ""
-        if kind == "dtnaive":
-            raise _query_error(
-                f"Unrecognized 'Edm.DateTimeOffset' literal '{m.group()}' at '{pos}' in "
-                f"'{text}': a time zone offset (Z or +hh:mm) is required."
+    def resolve(name: str) -> odata.Property | None:
+        found = cached.get(name)
+        if found is None:
+            col = table.by_name.get(name)
+            if col is None:
+                return None
+            found = cached[name] = odata.Property(
+                name,
+                col.edm_type,
+                operator.itemgetter(table.index[name]),
+                _rowversion if col.kind == "bin" else None,
             )
-        if kind != "ws":
-            tokens.append(_Tok(kind, m.group(), pos))
-        pos = m.end()
-    return tokens
+        return found
+
+    return resolve
 
 
-def _parse_literal(tok: _Tok, source: str) -> _Literal:
-    if tok.kind == "str":
-        return _Literal("Edm.String", tok.text[1:-1].replace("''", "'"))
-    if tok.kind == "num":
-        text = tok.text.rstrip("mMdDfFlL")
-        try:
-            number: float | int = int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
-        except ValueError as exc:
-            raise _query_error(f"Syntax error at position {tok.pos} in '{source}'.") from exc
-        return _Literal("Edm.Decimal", number)
-    if tok.kind == "dto":
-        text = tok.text.replace("Z", "+00:00")
-        if "." in text:  # Python accepts at most 6 fractional digits
-            head, _, rest = text.partition(".")
-            digits = re.match(r"\d+", rest)
-            assert digits is not None
-            text = f"{head}.{digits.group()[:6]:0<6}{rest[digits.end() :]}"
-        try:
-            value = datetime.fromisoformat(text).astimezone(UTC).replace(tzinfo=None)
-        except ValueError as exc:
-            raise _query_error(
-                f"Unrecognized 'Edm.DateTimeOffset' literal '{tok.text}' at '{tok.pos}' "
-                f"in '{source}'."
-            ) from exc
-        return _Literal("Edm.DateTimeOffset", value)
-    if tok.kind == "date":
-        return _Literal("Edm.Date", tok.text)
-    if tok.kind == "bin":
-        body = tok.text[tok.text.index("'") + 1 : -1]
-        try:
-            if tok.text.startswith("X"):
-                raw = bytes.fromhex(body)
-            else:
-                raw = base64.b64decode(
-                    body.replace("-", "+").replace("_", "/") + "=" * (-len(body) % 4),
-                    validate=True,
-                )
-        except (ValueError, binascii.Error) as exc:
-            raise _query_error(
-                f"Unrecognized 'Edm.Binary' literal '{tok.text}' at '{tok.pos}' in '{source}'."
-            ) from exc
-        return _Literal("Edm.Binary", int.from_bytes(raw, "big"))
-    if tok.kind == "ident" and tok.text in ("true", "false"):
-        return _Literal("Edm.Boolean", tok.text == "true")
-    if tok.kind == "ident" and tok.text == "null":
-        return _Literal("null", None)
-    raise _query_error(f"Syntax error at position {tok.pos} in '{source}'.")
+def _type_name(table: Table) -> str:
+    return f"{ODATA_NAMESPACE}.{table.name}"
 
 
-class FilterParser:
-    """Recursive-descent parser for the supported $filter subset; compiles to a row predicate."""
-
-    def __init__(self, table: Table, text: str, ci: bool, binary_ranges: bool) -> None:
-        self.table = table
-        self.text = text
-        self.ci = ci
-        self.binary_ranges = binary_ranges
-        self.tokens = _tokenize(text)
-        self.pos = 0
-
-    def parse(self) -> Callable[[Row], bool]:
-        if not self.tokens:
-            raise _query_error("The $filter expression must not be empty.")
-        pred = self._or()
-        if self.pos < len(self.tokens):
-            tok = self.tokens[self.pos]
-            raise _query_error(f"Syntax error at position {tok.pos} in '{self.text}'.")
-        return pred
-
-    # -- grammar ------------------------------------------------------------------------------
-
-    def _peek(self) -> _Tok | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def _next(self) -> _Tok:
-        tok = self._peek()
-        if tok is None:
-            raise _query_error(
-                f"Expression expected at position {len(self.text)} in '{self.text}'."
-            )
-        self.pos += 1
-        return tok
-
-    def _expect(self, text: str) -> None:
-        tok = self._next()
-        if tok.text != text:
-            raise _query_error(f"'{text}' expected at position {tok.pos} in '{self.text}'.")
-
-    def _or(self) -> Callable[[Row], bool]:
-        parts = [self._and()]
-        while (tok := self._peek()) is not None and tok.kind == "ident" and tok.text == "or":
-            self.pos += 1
-            parts.append(self._and())
-        if len(parts) == 1:
-            return parts[0]
-        return lambda r: any(p(r) for p in parts)
-
-    def _and(self) -> Callable[[Row], bool]:
-        parts = [self._not()]
-        while (tok := self._peek()) is not None and tok.kind == "ident" and tok.text == "and":
-            self.pos += 1
-            parts.append(self._not())
-        if len(parts) == 1:
-            return parts[0]
-        if len(parts) == 2:
-            a, b = parts
-            return lambda r: a(r) and b(r)
-        return lambda r: all(p(r) for p in parts)
-
-    def _not(self) -> Callable[[Row], bool]:
-        tok = self._peek()
-        if tok is not None and tok.kind == "ident" and tok.text == "not":
-            self.pos += 1
-            inner = self._not()
-            return lambda r: not inner(r)
-        return self._primary()
-
-    def _primary(self) -> Callable[[Row], bool]:
-        tok = self._next()
-        if tok.text == "(":
-            inner = self._or()
-            self._expect(")")
-            return inner
-        after = self._peek()
-        if tok.kind == "ident" and after is not None and after.text == "(":
-            return self._function(tok)
-        left = tok
-        op_tok = self._next()
-        if op_tok.kind != "ident" or op_tok.text not in _COMPARE_OPS:
-            if op_tok.kind == "ident" and op_tok.text.lower() in _COMPARE_OPS:
-                raise _query_error(
-                    f"Syntax error: operators are case-sensitive, found '{op_tok.text}' "
-                    f"at position {op_tok.pos} in '{self.text}'."
-                )
-            raise _query_error(f"Syntax error at position {op_tok.pos} in '{self.text}'.")
-        right = self._next()
-        return self._comparison(left, op_tok.text, right)
-
-    # -- pieces -------------------------------------------------------------------------------
-
-    def _is_property(self, tok: _Tok) -> bool:
-        return tok.kind == "ident" and tok.text not in ("true", "false", "null")
-
-    def _property(self, tok: _Tok) -> Column:
-        col = self.table.by_name.get(tok.text)
-        if col is None:
-            raise _query_error(
-                f"Could not find a property named '{tok.text}' on type "
-                f"'{ODATA_NAMESPACE}.{self.table.name}'."
-            )
-        return col
-
-    def _comparison(self, left: _Tok, op: str, right: _Tok) -> Callable[[Row], bool]:
-        if self._is_property(left):
-            col = self._property(left)
-            if self._is_property(right):
-                raise _query_error("Comparing two properties is not supported.")
-            lit = _parse_literal(right, self.text)
-        elif self._is_property(right):
-            col = self._property(right)
-            lit = _parse_literal(left, self.text)
-            op = _MIRROR[op]
-        else:
-            raise _query_error("A comparison needs a property on one side.")
-        return self._compile(col, op, lit)
-
-    def _compile(self, col: Column, op: str, lit: _Literal) -> Callable[[Row], bool]:
-        i = self.table.index[col.name]
-        fn = _COMPARE_OPS[op]
-        if lit.edm == "null":
-            if op not in ("eq", "ne"):
-                raise self._incompatible(col, lit, op)
-            if op == "eq":
-                return lambda r: r[i] is None
-            return lambda r: r[i] is not None
-        compatible = {
-            "str": "Edm.String",
-            "dec": "Edm.Decimal",
-            "dt": "Edm.DateTimeOffset",
-            "bin": "Edm.Binary",
-        }[col.kind]
-        if lit.edm != compatible:
-            raise self._incompatible(col, lit, op)
-        if col.kind == "bin" and op not in ("eq", "ne") and not self.binary_ranges:
-            raise _query_error(
-                f"The binary operator {_OP_KIND[op]} is not defined for the types "
-                "'System.Byte[]' and 'System.Byte[]'."
-            )
-        value = lit.value
-        if col.kind == "str" and self.ci:
-            lowered = value.lower()
-            return lambda r: fn(r[i].lower(), lowered)
-        if op in ("eq", "ne"):
-            return lambda r: fn(r[i], value)
-        return lambda r: (x := r[i]) is not None and fn(x, value)
-
-    def _incompatible(self, col: Column, lit: _Literal, op: str) -> ODataError:
-        found = "<null>" if lit.edm == "null" else lit.edm
-        if lit.edm == "Edm.Decimal":
-            found = "Edm.Int32" if isinstance(lit.value, int) else "Edm.Decimal"
-        return _query_error(
-            "A binary operator with incompatible types was detected. Found operand types "
-            f"'{col.edm_type}' and '{found}' for operator kind '{_OP_KIND[op]}'."
+def compile_filter(table: Table, text: str, ci: bool, binary_ranges: bool) -> Callable[[Row], bool]:
+    """``$filter`` text -> a row predicate; raises ODataError (400) for a bad filter."""
+    try:
+        return odata.filter_predicate(
+            text,
+            _properties(table),
+            dialect=odata.SYSPRO,
+            type_name=_type_name(table),
+            case_insensitive=ci,
+            binary_ranges=binary_ranges,
         )
-
-    def _function(self, name_tok: _Tok) -> Callable[[Row], bool]:
-        name = name_tok.text
-        if name not in _STRING_FUNCS:
-            raise _query_error(f"An unknown function with name '{name}' was found.")
-        self._expect("(")
-        prop_tok = self._next()
-        if not self._is_property(prop_tok):
-            raise _query_error(f"The first argument of '{name}' must be a property.")
-        col = self._property(prop_tok)
-        self._expect(",")
-        lit = _parse_literal(self._next(), self.text)
-        self._expect(")")
-        if col.kind != "str" or lit.edm != "Edm.String":
-            raise _query_error(
-                f"No function signature for the function with name '{name}' matches."
-            )
-        i = self.table.index[col.name]
-        needle = lit.value.lower() if self.ci else lit.value
-        method = {"contains": str.__contains__, "startswith": str.startswith}.get(
-            name, str.endswith
-        )
-        if self.ci:
-            return lambda r: method(r[i].lower(), needle)
-        return lambda r: method(r[i], needle)
+    except odata.ODataQueryError as exc:
+        raise _query_error(exc.message) from None
 
 
 def parse_orderby(table: Table, text: str) -> tuple[tuple[str, bool], ...]:
-    items: list[tuple[str, bool]] = []
-    for part in text.split(","):
-        words = part.split()
-        if not words or len(words) > 2:
-            raise _query_error(f"Syntax error in $orderby '{text}'.")
-        name = words[0]
-        if name not in table.by_name:
-            raise _query_error(
-                f"Could not find a property named '{name}' on type "
-                f"'{ODATA_NAMESPACE}.{table.name}'."
-            )
-        direction = words[1] if len(words) == 2 else "asc"
-        if direction not in ("asc", "desc"):
-            raise _query_error(f"Syntax error in $orderby '{text}': expected asc or desc.")
-        items.append((name, direction == "desc"))
-    return tuple(items)
+    try:
+        return odata.parse_orderby(text, table.by_name, _type_name(table))
+    except odata.ODataQueryError as exc:
+        raise _query_error(exc.message) from None
 
 
 def parse_select(table: Table, text: str) -> tuple[str, ...] | None:
-    names: list[str] = []
-    for part in text.split(","):
-        name = part.strip()
-        if name == "*":
-            return None
-        if name not in table.by_name:
-            raise _query_error(
-                f"Could not find a property named '{name}' on type "
-                f"'{ODATA_NAMESPACE}.{table.name}'."
-            )
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise _query_error("$select must name at least one property.")
-    return tuple(names)
+    try:
+        return odata.parse_select(text, table.by_name, _type_name(table))
+    except odata.ODataQueryError as exc:
+        raise _query_error(exc.message) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1891,11 +1617,10 @@ class SysproEmulator:
             return self._odata_error(err, {"Allow": "GET"} if err.status == 405 else None)
 
     def _check_options(self, request: web.Request, allowed: set[str]) -> None:
-        for name in request.query:
-            if name.startswith("$") and name not in allowed:
-                if name in ("$expand", "$search", "$apply", "$compute", "$skiptoken"):
-                    raise _query_error(f"Query option '{name}' is not supported by this service.")
-                raise _query_error(f"The query parameter '{name}' is not supported.")
+        try:
+            odata.check_options(request.query, allowed)
+        except odata.ODataQueryError as exc:
+            raise _query_error(exc.message) from None
 
     def _odata_entity(
         self, request: web.Request, base: str, table: Table, key_text: str
@@ -1945,7 +1670,7 @@ class SysproEmulator:
         filter_text = q.get("$filter")
         predicate = None
         if filter_text is not None:
-            predicate = FilterParser(table, filter_text, self.ci, self.binary_ranges).parse()
+            predicate = compile_filter(table, filter_text, self.ci, self.binary_ranges)
         matched = table.query(("odata", filter_text), order, predicate, self.ci)
         if count_only:
             return web.Response(
@@ -1953,9 +1678,8 @@ class SysproEmulator:
                 content_type="text/plain",
                 headers={"OData-Version": "4.0"},
             )
-        wanted = len(matched) - skip if top is None else min(top, max(0, len(matched) - skip))
-        page_size = min(wanted, self.max_rows) if wanted > 0 else 0
-        page = matched[skip : skip + page_size]
+        plan = odata.plan_page(len(matched), skip, top, self.max_rows)
+        page = matched[plan.start : plan.start + plan.size]
         context = f"{base}/$metadata#{table.name}"
         if select is not None:
             context += f"({','.join(select)})"
@@ -1963,34 +1687,24 @@ class SysproEmulator:
         if want_count == "true":
             payload["@odata.count"] = len(matched)
         payload["value"] = [table.to_wire(r, select) for r in page]
-        if wanted > page_size:
+        if plan.next_skip is not None:
             payload["@odata.nextLink"] = self._next_link(
-                request, base, table, skip + page_size, None if top is None else top - page_size
+                request, base, table, plan.next_skip, plan.next_top
             )
         self.counters["odata_rows_served"] += len(page)
         return self._odata_json(payload)
 
     @staticmethod
     def _int_option(q: Mapping[str, str], name: str) -> int | None:
-        if name not in q:
-            return None
-        text = q[name].strip()
-        if not re.fullmatch(r"\d+", text):
-            raise _query_error(f"Invalid value '{q[name]}' for {name} query option found.")
-        return int(text)
+        try:
+            return odata.int_option(q, name)
+        except odata.ODataQueryError as exc:
+            raise _query_error(exc.message) from None
 
     def _next_link(
         self, request: web.Request, base: str, table: Table, skip: int, top: int | None
     ) -> str:
-        parts: list[str] = []
-        for name, value in request.query.items():
-            if name in ("$skip", "$top"):
-                continue
-            parts.append(quote(name, safe="$") + "=" + quote(value, safe=",'()*:$/"))
-        if top is not None:
-            parts.append(f"$top={top}")
-        parts.append(f"$skip={skip}")
-        return f"{base}/{table.name}?{'&'.join(parts)}"
+        return odata.next_link(f"{base}/{table.name}", request.query.items(), skip, top)
 
     def metadata_xml(self) -> str:
         types: list[str] = []

@@ -47,7 +47,7 @@ from typing import Any
 
 from aiohttp import web
 
-from emulators.common import add_common_control_routes, fault_middleware, serve_main
+from emulators.kit import add_common_control_routes, fault_middleware, serve_main
 from emulators.salesforce.auth import token_endpoint
 from emulators.salesforce.control import Control
 from emulators.salesforce.errors import ApiError

@@ -1,6 +1,6 @@
 """The control API under ``/_control`` (never faulted, counted or charged).
 
-Besides ``GET /stats``, ``POST /faults`` and ``POST /reset`` from :mod:`emulators.common`
+Besides ``GET /stats``, ``POST /faults`` and ``POST /reset`` from :mod:`emulators.kit.control`
 (``faults`` also takes ``lock_rate`` and ``lock_next``: UNABLE_TO_LOCK_ROW on records):
 
 - ``GET  /_control/counts``                  records per object, write calls by route
@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from emulators.common import CONTROL_PREFIX
+from emulators.kit import CONTROL_PREFIX, bad_request, json_body
 from emulators.salesforce.describe import NUMBER_TYPES, TEXT_TYPES, ObjectDef, field_from_spec
 from emulators.salesforce.errors import ApiError, RecordError, normalize_id
 from emulators.salesforce.options import RUNTIME_OPTIONS
@@ -34,10 +34,6 @@ from emulators.salesforce.org import Org
 from emulators.salesforce.records import Store
 
 Json = dict[str, Any]
-
-
-def bad_request(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
 
 
 class Control:
@@ -51,18 +47,6 @@ class Control:
             known = sorted(s.obj.name for s in self.org.data_stores)
             raise bad_request(f"unknown or read-only object {name!r}; writable: {known}")
         return store
-
-    @staticmethod
-    async def _body(request: web.Request) -> Json:
-        if not request.can_read_body:
-            return {}
-        try:
-            body = await request.json()
-        except ValueError:
-            raise bad_request("the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object")
-        return body
 
     async def counts(self, _: web.Request) -> web.Response:
         org = self.org
@@ -100,7 +84,7 @@ class Control:
 
     async def seed(self, request: web.Request) -> web.Response:
         org = self.org
-        body = await self._body(request)
+        body = await json_body(request)
         store = self._store(body.get("object"), write=True)
         obj = store.obj
         records = body.get("records")
@@ -166,17 +150,17 @@ class Control:
         return web.json_response(self.org.render_record(store.obj, record, self.version))
 
     async def expire_sessions(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
+        body = await json_body(request)
         return web.json_response({"expired": self.org.sessions.expire(body.get("access_token"))})
 
     async def limits(self, request: web.Request) -> web.Response:
         if request.method == "POST":
-            body = await self._body(request)
+            body = await json_body(request)
             self.org.usage.set(body.get("used"), body.get("max"))
         return web.json_response(self.org.usage.as_dict())
 
     async def fields(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
+        body = await json_body(request)
         store = self._store(body.get("object"))
         obj = store.obj
         changed = []
@@ -205,7 +189,7 @@ class Control:
             stage.restricted = self.org.opts.stage_picklist_restricted
 
     async def stages(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
+        body = await json_body(request)
         opts = self.org.opts
         if "stages" in body:
             stages = []
@@ -227,7 +211,7 @@ class Control:
         if request.method == "DELETE":
             org.duplicate_rules.clear()
         elif request.method == "POST":
-            body = await self._body(request)
+            body = await json_body(request)
             store = self._store(body.get("object"))
             names = body.get("fields")
             if not isinstance(names, list) or not names:
@@ -244,7 +228,7 @@ class Control:
     async def config(self, request: web.Request) -> web.Response:
         opts = self.org.opts
         if request.method == "POST":
-            body = await self._body(request)
+            body = await json_body(request)
             for name, value in body.items():
                 if name not in RUNTIME_OPTIONS:
                     raise bad_request(f"unknown or fixed option {name!r}")
@@ -254,12 +238,12 @@ class Control:
         return web.json_response({name: getattr(opts, name) for name in sorted(RUNTIME_OPTIONS)})
 
     async def advance(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
+        body = await json_body(request)
         self.org.advance(float(body.get("seconds", 0)))
         return web.json_response({"now": self.org.now()})
 
     async def clients(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
+        body = await json_body(request)
         client_id, secret = body.get("client_id"), body.get("client_secret")
         if not isinstance(client_id, str) or not isinstance(secret, str):
             raise bad_request("client_id and client_secret are needed")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from emulators.common import CallStats, Faults
+from emulators.kit import CallStats, Faults
 from emulators.salesforce.auth import Sessions
 from emulators.salesforce.describe import TEXT_TYPES, FieldDef, ObjectDef, build_schema
 from emulators.salesforce.errors import (

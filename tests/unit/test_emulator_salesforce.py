@@ -11,7 +11,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from emulators.common import RunningEmulator
+from emulators.kit import RunningEmulator
 from emulators.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, make_app
 from emulators.salesforce.errors import id18
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from emulators.common import RunningEmulator
+from emulators.kit import RunningEmulator
 from emulators.syspro import create_app
 
 TODAY = date(2024, 6, 30)

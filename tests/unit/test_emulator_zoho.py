@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from emulators.common import RunningEmulator
+from emulators.kit import RunningEmulator
 from emulators.zoho_crm import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
@@ -733,6 +733,103 @@ async def test_coql(zoho: Zoho) -> None:
     assert (status, body["code"]) == (400, "INVALID_QUERY")
 
 
+async def lookalikes(zoho: Zoho, count: int) -> str:
+    """``P100`` first, then ``P100-1`` ... ``P100-<count>`` (ERP_Customer_No), by upsert."""
+    await zoho.add_erp_field()
+    keys = ["P100"] + [f"P100-{n}" for n in range(1, count + 1)]
+    first = ""
+    for start in range(0, len(keys), 100):
+        batch = [{"Account_Name": f"Acme {k}", "ERP_Customer_No": k} for k in keys[start:][:100]]
+        status, body, _ = await zoho.call(
+            "POST",
+            "/Accounts/upsert",
+            json={"data": batch, "duplicate_check_fields": ["ERP_Customer_No"]},
+        )
+        assert status == 200, body
+        first = first or body["data"][0]["details"]["id"]
+    return first
+
+
+async def test_search_is_an_index_search_that_buries_the_exact_match(zoho: Zoho) -> None:
+    p100 = await lookalikes(zoho, 300)
+    criteria = {"criteria": "(ERP_Customer_No:equals:P100)"}
+    status, body, _ = await zoho.call("GET", "/Accounts/search", params=criteria)
+    assert status == 200
+    page1 = [r["ERP_Customer_No"] for r in body["data"]]
+    assert len(page1) == 200 and body["info"]["more_records"] is True
+    assert "P100" not in page1  # most recently modified first: look-alikes fill page 1
+    assert all(key.startswith("P100-") for key in page1)
+    status, body, _ = await zoho.call("GET", "/Accounts/search", params={**criteria, "page": "2"})
+    page2 = [r["ERP_Customer_No"] for r in body["data"]]
+    assert (len(page2), body["info"]["more_records"]) == (101, False)
+    assert page2[-1] == "P100"
+    # words and prefixes, case-insensitively: "p100-2" is P100-2, P100-20..29, P100-200..299
+    status, body, _ = await zoho.call(
+        "GET", "/Accounts/search", params={"criteria": "(ERP_Customer_No:equals:p100-2)"}
+    )
+    assert body["info"]["count"] == 111 and status == 200
+    # not a substring match: "00" is inside every key but starts none of their words
+    status, _, _ = await zoho.call(
+        "GET", "/Accounts/search", params={"criteria": "(ERP_Customer_No:equals:00)"}
+    )
+    assert status == 204
+
+    # COQL compares whole values: = and in (...) find exactly P100
+    select = "select id, ERP_Customer_No from Accounts where "
+    status, body, _ = await zoho.call(
+        "POST", "/coql", json={"select_query": select + "ERP_Customer_No = 'P100'"}
+    )
+    assert status == 200
+    assert body["data"] == [{"id": p100, "ERP_Customer_No": "P100"}]
+    values = ", ".join(f"'{v}'" for v in ("P100", "P100-0", "P10", "P100-1000"))
+    status, body, _ = await zoho.call(
+        "POST", "/coql", json={"select_query": select + f"ERP_Customer_No in ({values})"}
+    )
+    assert status == 200
+    assert body["data"] == [{"id": p100, "ERP_Customer_No": "P100"}]
+
+
+async def test_search_order_and_match_are_options(session: aiohttp.ClientSession) -> None:
+    emulator, zoho = await start(session, search_order="created_asc", search_equals="exact")
+    try:
+        await lookalikes(zoho, 3)
+        status, body, _ = await zoho.call(
+            "GET", "/Accounts/search", params={"criteria": "(ERP_Customer_No:equals:P100)"}
+        )
+        assert status == 200
+        assert [r["ERP_Customer_No"] for r in body["data"]] == ["P100"]
+        await zoho.control("POST", "/config", {"search_equals": "contains"})
+        status, body, _ = await zoho.call(
+            "GET", "/Accounts/search", params={"criteria": "(ERP_Customer_No:equals:100-)"}
+        )
+        assert [r["ERP_Customer_No"] for r in body["data"]] == ["P100-1", "P100-2", "P100-3"]
+    finally:
+        await emulator.stop()
+
+
+async def test_coql_in_takes_at_most_100_values_and_25_criteria(zoho: Zoho) -> None:
+    await lookalikes(zoho, 3)
+
+    async def coql(where: str) -> tuple[int, Any]:
+        query = f"select id from Accounts where {where}"
+        status, body, _ = await zoho.call("POST", "/coql", json={"select_query": query})
+        return status, body
+
+    hundred = ", ".join(f"'P100-{n}'" for n in range(1, 101))
+    status, body = await coql(f"ERP_Customer_No in ({hundred})")
+    assert (status, body["info"]["count"]) == (200, 3)
+    status, body = await coql(f"ERP_Customer_No in ({hundred}, 'P100')")
+    assert (status, body["code"]) == (400, "LIMIT_EXCEEDED")
+    assert body["details"]["limit"] == 100
+
+    where = "ERP_Customer_No = 'x0'"
+    for n in range(1, 25):
+        where = f"({where}) or ERP_Customer_No = 'x{n}'"
+    assert (await coql(where))[0] == 204  # 25 criteria
+    status, body = await coql(f"({where}) or ERP_Customer_No = 'P100'")
+    assert (status, body["code"]) == (400, "LIMIT_EXCEEDED")
+
+
 # --- limits ----------------------------------------------------------------------------------
 
 
@@ -956,3 +1053,55 @@ async def test_watch_validation_and_lifecycle(zoho: Zoho) -> None:
     assert status == 200
     assert body["watch"][0]["message"] == "Successfully un-subscribed from actions-watch"
     assert (await zoho.call("GET", "/actions/watch"))[0] == 204
+
+
+async def test_channel_limits_expiry_and_control(zoho: Zoho) -> None:
+    url = "http://127.0.0.1:9/hook"
+    many = [f"Accounts.{op}" for op in ("create", "edit", "delete")] * 17  # 51 events
+    status, body, _ = await zoho.call(
+        "POST",
+        "/actions/watch",
+        json={"watch": [{"channel_id": "76", "events": many, "notify_url": url}]},
+    )
+    assert (status, body["watch"][0]["code"]) == (400, "LIMIT_EXCEEDED")
+
+    too_far = (datetime.now(UTC) + timedelta(days=8)).replace(microsecond=0).isoformat()
+    item = {
+        "channel_id": "77",
+        "events": ["Accounts.all"],
+        "notify_url": url,
+        "token": "t-77",
+        "channel_expiry": too_far,
+    }
+    status, body, _ = await zoho.call("POST", "/actions/watch", json={"watch": [item]})
+    assert status == 201
+    expiry = datetime.fromisoformat(body["watch"][0]["details"]["events"][0]["channel_expiry"])
+    assert timedelta(minutes=59) < expiry - datetime.now(UTC) <= timedelta(hours=1, seconds=5)
+
+    channels = (await zoho.control("GET", "/channels"))["channels"]
+    assert [(c["channel_id"], c["token"], c["expired"]) for c in channels] == [
+        ("77", "t-77", False)
+    ]
+    assert 3500 < channels[0]["expires_in_s"] <= 3600
+
+    # renewed before it lapses, a channel lives on past its first expiry
+    later = (datetime.now(UTC) + timedelta(hours=5)).replace(microsecond=0).isoformat()
+    renew = {"watch": [{"channel_id": "77", "channel_expiry": later}]}
+    assert (await zoho.call("PATCH", "/actions/watch", json=renew))[0] == 200
+    await zoho.control("POST", "/advance", {"seconds": 3700})
+    await zoho.login()
+    assert (await zoho.call("GET", "/actions/watch", params={"channel_id": "77"}))[0] == 200
+
+    # once expired it is gone: not listed, not renewable, not disableable; enable it again
+    assert await zoho.control("POST", "/channels/expire", {"channel_id": "77"}) == {"expired": 1}
+    channels = (await zoho.control("GET", "/channels"))["channels"]
+    assert channels[0]["expired"] is True and channels[0]["expires_in_s"] <= 0
+    assert (await zoho.call("GET", "/actions/watch"))[0] == 204
+    status, body, _ = await zoho.call("PATCH", "/actions/watch", json=renew)
+    assert (status, body["watch"][0]["code"]) == (400, "NOT_SUBSCRIBED")
+    status, body, _ = await zoho.call("DELETE", "/actions/watch", params={"channel_ids": "77"})
+    assert (status, body["watch"][0]["code"]) == (400, "NOT_SUBSCRIBED")
+    del item["channel_expiry"]
+    assert (await zoho.call("POST", "/actions/watch", json={"watch": [item]}))[0] == 201
+    assert (await zoho.call("GET", "/actions/watch", params={"channel_id": "77"}))[0] == 200
+    assert await zoho.control("POST", "/channels/expire", {}) == {"expired": 1}
