@@ -7,6 +7,7 @@ from typing import Any
 
 from services.runtime import ServiceContext
 from shared.connectors.base import Source
+from shared.connectors.registry import require_source
 from shared.failures import MappingError
 from shared.keys import load_case_sensitive_keys
 from shared.mapping import map_event
@@ -18,8 +19,7 @@ async def preview(
 ) -> list[dict[str, Any]]:
     stored = await ctx.flows.get(name)
     flow = stored.flow
-    source = await ctx.connector(flow.source)
-    assert isinstance(source, Source)
+    source: Source = require_source(await ctx.connector(flow.source))
     source_system = await ctx.system_of(flow.source)
     target_system = await ctx.system_of(flow.target)
     case_sensitive = await load_case_sensitive_keys(ctx.pool, flow.source)

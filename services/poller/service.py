@@ -52,6 +52,7 @@ from shared import db, metrics
 from shared.audit import AuditEvent, published_row
 from shared.bus import MAPPER_QUEUE, NOTICES_QUEUE
 from shared.connectors.base import Source, StreamSpec
+from shared.connectors.registry import require_source
 from shared.failures import FailureClass, classify, describe
 from shared.flows import EntityMapping, Flow
 from shared.keys import key_problem, load_case_sensitive_keys
@@ -194,8 +195,7 @@ class Poller:
     async def poll_flow(self, flow: Flow, version: int) -> int:
         """Poll every entity of a flow once; returns the number of events published. An
         entity that fails is recorded and logged, and the next entity is polled all the same."""
-        source = await self.ctx.connector(flow.source)
-        assert isinstance(source, Source), f"connection {flow.source} cannot be a source"
+        source: Source = require_source(await self.ctx.connector(flow.source))
         case_sensitive = await load_case_sensitive_keys(self.ctx.pool, flow.source)
         total = 0
         for entity in flow.entities:
@@ -597,8 +597,7 @@ class Poller:
             for mapping in flow.entities:
                 if mapping.source.entity != entity:
                     continue
-                source = await self.ctx.connector(connection)
-                assert isinstance(source, Source)
+                source: Source = require_source(await self.ctx.connector(connection))
                 case_sensitive = await load_case_sensitive_keys(self.ctx.pool, connection)
                 stream = self._stream(mapping, case_sensitive)
                 records = await source.fetch(stream, ids)
