@@ -132,9 +132,15 @@ async def run_services(
     import functools
     import logging
 
-    from services.runtime import HealthServer, install_stop_signals, open_context
+    from services.runtime import (
+        HealthServer,
+        install_stop_signals,
+        open_context,
+        wait_for_infrastructure,
+    )
 
     log = logging.getLogger("ml-connector")
+    await wait_for_infrastructure(settings)  # started during an outage: wait, no traceback
     await db.ensure_database(settings.database_url.get_secret_value())
     await db.migrate(settings.database_url.get_secret_value())
     names = list(SERVICES) if service == "all" else [service]

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
@@ -32,7 +33,7 @@ from shared.bus import (
 )
 from shared.connections import ConnectionStore
 from shared.connectors.base import Connector
-from shared.failures import FailureClass
+from shared.failures import FailureClass, describe, is_infrastructure
 from shared.flow_store import FlowStore
 from shared.logs import register_secret
 from shared.messages import DecodedBatch, Message, MessageFormatError, decode_records
@@ -161,6 +162,41 @@ class ServiceContext:
             await self.bus.close()
         with contextlib.suppress(Exception):
             await self.pool.close()
+
+
+async def wait_for_infrastructure(
+    settings: Settings, *, backoff_s: tuple[float, float] = (0.5, 30.0)
+) -> None:
+    """Return once the database server and the broker accept connections. A service started
+    while either is away (a restart, a failover, hosts booting in another order) waits, with a
+    warning line naming what it waits for, instead of dying with a traceback; an error that is
+    not an outage (a wrong password) is raised at once."""
+    dsn = settings.database_url.get_secret_value()
+    amqp = settings.amqp_url.get_secret_value()
+    delay, cap = backoff_s
+    while True:
+        waiting = []
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+            await conn.close()
+        except asyncpg.InvalidCatalogNameError:
+            pass  # the server answers; the database is created next (db.ensure_database)
+        except Exception as exc:
+            if not is_infrastructure(exc):
+                raise
+            waiting.append(f"the database ({describe(exc)})")
+        try:
+            connection = await aio_pika.connect(amqp, timeout=10)
+            await connection.close()
+        except Exception as exc:
+            if not is_infrastructure(exc):
+                raise
+            waiting.append(f"the broker ({describe(exc)})")
+        if not waiting:
+            return
+        log.warning("waiting for %s; trying again in %.1f s", " and ".join(waiting), delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, cap)
 
 
 def actor_name(settings: Settings, service: str) -> str:

@@ -166,6 +166,14 @@ _INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Errors of these types are the database's or the broker's whatever raised them.
 _OUR_CLIENT_ERRORS: tuple[type[BaseException], ...] = _INFRASTRUCTURE_ERRORS[:-1]
+# ... but for these, which say the broker answers and refuses us: wrong credentials, a vhost we
+# may not use, another protocol. Waiting does not heal them. (aiormq's
+# ProbableAuthenticationError stays an outage: it is also what a broker going down says.)
+_REFUSALS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AuthenticationError,
+    aiormq.exceptions.ConnectionNotAllowed,
+    aiormq.exceptions.IncompatibleProtocolError,
+)
 # A bare OSError (a refused connection, a timeout, a reset) is ours only when it came out of
 # the database or broker client; out of an HTTP call to a vendor it is that vendor's.
 _OUR_CLIENT_MODULES = frozenset({"asyncpg", "aiormq", "aio_pika", "pamqp"})
@@ -179,7 +187,7 @@ def is_infrastructure(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, ConnectorError | aiohttp.ClientError):
+        if isinstance(current, (ConnectorError, aiohttp.ClientError, *_REFUSALS)):
             return False
         if isinstance(current, _OUR_CLIENT_ERRORS):
             return True

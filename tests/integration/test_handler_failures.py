@@ -8,8 +8,11 @@ broker dead-lettered itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -22,11 +25,13 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 
+from services.runtime import wait_for_infrastructure
 from shared import bus as busmod
 from shared.bus import MAPPER_QUEUE, Bus, Topology, TopologyError
 from shared.flow_store import FlowStore
 from shared.flows import load_flow_file
 from shared.messages import ChangeBatch, ChangeEvent
+from shared.settings import Settings
 from tests.e2e.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -410,3 +415,82 @@ async def test_dlq_list_show_and_replay_cope_with_letters_the_broker_dead_letter
     finally:
         await bus.delete_topology()
         await bus.close()
+
+
+# -- a service started while the broker is away ----------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _forward(port: int, to: int) -> asyncio.Server:
+    """A broker that appears on ``port``: every connection is piped to ``to``."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", to)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+async def test_start_up_waits_for_a_broker_that_is_away_then_goes_on(
+    services: dict[str, str], database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = _free_port()
+    upstream = int(services["amqp_url"].rsplit(":", 1)[1].split("/")[0])
+    settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/", database_url=database_url)
+    caplog.set_level(logging.WARNING, logger="services.runtime")
+    waiting = asyncio.create_task(wait_for_infrastructure(settings, backoff_s=(0.1, 0.2)))
+    await wait_until(
+        lambda: _true("waiting for the broker" in caplog.text), 10, "a line saying it waits"
+    )
+    assert not waiting.done()
+    assert "the database" not in caplog.text  # the database answers
+    server = await _forward(port, upstream)
+    try:
+        await asyncio.wait_for(waiting, 10)  # the broker is there: it goes on
+    finally:
+        server.close()
+
+
+async def test_a_service_started_while_the_broker_is_away_waits_instead_of_dying(
+    services: dict[str, str], database_url: str, bus_prefix: str
+) -> None:
+    env = _env(services, database_url, bus_prefix)
+    env["MLC_AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:{_free_port()}/"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services",
+        "run",
+        "mapper",
+        "--health-port",
+        "0",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"waiting for the broker" not in seen and time.monotonic() < deadline:
+            seen += await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"waiting for the broker" in seen, seen
+        assert b"Traceback" not in seen
+        assert proc.returncode is None  # still there, waiting
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()

@@ -104,6 +104,8 @@ async def test_a_refused_connection_is_infrastructure_only_from_our_own_clients(
     assert not is_infrastructure(ConnectionRefusedError(111, "Connection refused"))
     assert not is_infrastructure(aiohttp.ClientConnectionError("refused"))
     assert not is_infrastructure(TransientError("cannot connect to zoho"))
+    # the broker answers and refuses us: configuration, waiting does not heal it
+    assert not is_infrastructure(aiormq.exceptions.AuthenticationError("ACCESS_REFUSED"))
     # wrapped: the cause decides
     wrapped = RuntimeError("flush failed")
     wrapped.__cause__ = asyncpg.exceptions.CannotConnectNowError()
